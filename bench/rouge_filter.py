@@ -1,0 +1,268 @@
+"""Benchmark: the ROUGE-L novelty filter against the Alpaca-style baseline.
+
+The stream is a seeded, realistic mix of instructions: fresh ones from templates over a few
+hundred words with Zipf-like choices, near-duplicates of earlier ones (a word replaced, dropped or
+added, a number changed, different case and punctuation) and recombinations of two earlier ones.
+
+For N = 1,000, 2,500 and 5,000 it runs, on the same stream prefix:
+- the baseline, as Alpaca's generate_instruction.py does it: rouge-score's tokenizer once per
+  instruction, then rouge-score's ``_score_lcs`` of the new instruction against every kept one
+  through a ``multiprocessing.Pool`` (2 processes), keep when the highest score is <= 0.7;
+- the engine (``tasks.rouge.engine.RougeLFilter``), tokenization included;
+and checks that the decisions, highest scores and most-similar indices are identical.
+
+The baseline is quadratic and slow (minutes at N = 2,500). By default it therefore runs in full
+only for the first N, and for larger N on an evenly spaced sample of the candidates: each sampled
+candidate is scored against the exact pool it meets in the stream (the engine's pool, which the
+full run and every sampled decision check), and the baseline's candidates/s for the prefix is
+the sample size divided by the sample's time, which is the same per-candidate cost averaged over
+the prefix. ``--full`` runs the baseline on every candidate (slow).
+Then the engine alone filters 50,000 candidates and the time is printed.
+
+Run: ``python bench/rouge_filter.py [--sizes 1000 2500 5000] [--full] [--big 50000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+_VERBS = """write generate explain summarize classify translate list describe create give
+compose suggest rewrite identify compare outline design draft find convert propose evaluate
+analyze brainstorm recommend predict calculate edit paraphrase name detect extract""".split()
+_FORMS = """poem story essay email letter tweet slogan haiku recipe speech review report
+dialogue riddle joke limerick headline summary product description cover letter blog post
+advertisement lesson plan song lyric job posting press release""".split()
+_ADJS = """short funny formal persuasive creative detailed concise polite friendly simple
+professional catchy informative humorous brief emotional technical inspiring sarcastic
+dramatic optimistic neutral academic casual heartfelt mysterious elegant vivid""".split()
+_TOPICS = """climate change artificial intelligence the ocean renewable energy a rainy day
+the french revolution quantum computing healthy eating remote work space exploration
+social media a lost dog the stock market friendship coffee machine learning democracy
+honeybees volcanoes the internet electric cars meditation chess ancient rome photosynthesis
+black holes a first date public transport recycling the moon landing video games gardening
+cryptocurrency time management a haunted house mountain climbing jazz music the human brain
+vaccines deserts a small bakery online privacy the olympics rainforests a job interview
+programming languages a summer vacation earthquakes the printing press nuclear power
+a childhood memory sleep city planning the water cycle dinosaurs a busy airport chocolate
+volunteering the history of tea wind turbines a library at night robots kindness""".split("\n")
+_TOPIC_LIST = [t.strip() for line in _TOPICS for t in line.split("  ")]
+_TOPIC_WORDS = sorted({w for line in _TOPICS for w in line.split()})
+_THINGS = """ideas names questions examples reasons tips strategies facts ways steps benefits
+risks arguments titles keywords activities exercises habits""".split()
+_LANGS = "French Spanish German Italian Japanese Korean Portuguese Dutch Swedish Polish".split()
+_LABELS = [("positive", "negative"), ("spam", "not spam"), ("fact", "opinion"),
+           ("formal", "informal"), ("true", "false"), ("animal", "plant"), ("urgent", "routine")]
+_ITEMS = "sentence tweet review headline email statement sentences reviews".split()
+_DOCS = "paragraph article text passage story email essay report abstract speech".split()
+_AUDIENCES = """children students beginners experts teenagers managers parents tourists
+engineers nurses teachers investors""".split()
+_TEMPLATES = [
+    "{Verb} a {adj} {form} about {topic}.",
+    "{Verb} a {form} about {topic} for {audience}.",
+    "Explain how {topic} affects {topic2} in {n} sentences.",
+    "Give {n} {things} for learning about {topic}.",
+    "Classify the following {item} as {label1} or {label2}.",
+    "Translate the following {item} into {lang}.",
+    "Summarize the {doc} about {topic} in {n} words.",
+    "Generate a list of {n} {adj} {things} related to {topic}.",
+    "What is the difference between {topic} and {topic2}?",
+    "Rewrite the following {doc} to make it more {adj}.",
+    "{Verb} {n} {things} why {topic} matters to {audience}.",
+    "Describe {topic} to {audience} using a {adj} tone.",
+    "Write a {adj} {form} that compares {topic} with {topic2}.",
+    "Find the main idea of the {doc} and explain it to {audience}.",
+    "Create a quiz with {n} questions about {topic}.",
+    "How would you explain {topic} to {audience}?",
+    "Suggest {n} {adj} titles for a {form} about {topic}.",
+    "Identify the {things} mentioned in the {doc} about {topic}.",
+    "Is the following {item} about {topic} {label1} or {label2}? Answer with one word.",
+    "Draft a {adj} {form} inviting {audience} to an event about {topic}.",
+]
+_FILLER = ["please", "briefly", "now", "carefully", "also", "really", "in detail", "step by step"]
+
+
+def _zipf_choice(rng: random.Random, items: list, s: float = 1.1):
+    # Realistic word use: a few words very often, most rarely.
+    weights = getattr(_zipf_choice, "_cache", {}).get((id(items), s))
+    if weights is None:
+        weights = [1.0 / (i + 1) ** s for i in range(len(items))]
+        _zipf_choice.__dict__.setdefault("_cache", {})[(id(items), s)] = weights
+    return rng.choices(items, weights=weights, k=1)[0]
+
+
+def _fresh(rng: random.Random) -> str:
+    label1, label2 = rng.choice(_LABELS)
+    verb = _zipf_choice(rng, _VERBS)
+    text = rng.choice(_TEMPLATES).format(
+        Verb=verb.capitalize(), adj=_zipf_choice(rng, _ADJS), form=_zipf_choice(rng, _FORMS),
+        topic=_zipf_choice(rng, _TOPIC_LIST, 0.8), topic2=_zipf_choice(rng, _TOPIC_LIST, 0.8),
+        audience=rng.choice(_AUDIENCES), n=rng.randint(2, 12), things=rng.choice(_THINGS),
+        item=rng.choice(_ITEMS), label1=label1, label2=label2, lang=rng.choice(_LANGS),
+        doc=rng.choice(_DOCS),
+    )
+    if rng.random() < 0.5:  # a qualifier with rarer words makes the vocabulary long-tailed
+        text = text[:-1] + f" with a focus on {' '.join(rng.sample(_TOPIC_WORDS, rng.randint(1, 3)))}" + text[-1]
+    return text
+
+
+def _near_duplicate(rng: random.Random, text: str) -> str:
+    words = text.split()
+    for _ in range(rng.randint(1, 3)):
+        op = rng.random()
+        position = rng.randrange(len(words))
+        if op < 0.35:
+            words[position] = rng.choice(_ADJS + _THINGS + _FILLER)
+        elif op < 0.6 and len(words) > 3:
+            del words[position]
+        elif op < 0.85:
+            words.insert(position, rng.choice(_FILLER))
+        else:
+            words[position] = str(rng.randint(2, 20)) if words[position].isdigit() else words[position].upper()
+    text = " ".join(words)
+    return text.rstrip(".?!") + rng.choice([".", "!", "?", "", " ..."])
+
+
+def _recombination(rng: random.Random, first: str, second: str) -> str:
+    a, b = first.split(), second.split()
+    return " ".join(a[: max(1, len(a) // 2)] + b[len(b) // 2 :])
+
+
+def make_stream(n: int, seed: int = 0) -> list[str]:
+    """`n` realistic instructions: ~60% fresh, ~28% near-duplicates, ~12% recombinations."""
+    rng = random.Random(seed)
+    stream: list[str] = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.28 and stream:
+            stream.append(_near_duplicate(rng, rng.choice(stream[-2000:])))
+        elif roll < 0.40 and len(stream) > 1:
+            stream.append(_recombination(rng, rng.choice(stream), rng.choice(stream)))
+        else:
+            stream.append(_fresh(rng))
+    return stream
+
+
+# ----------------------------------------------------------------------------- baseline
+def _baseline_pool_max(pool: multiprocessing.pool.Pool, tokens: list[str], pool_tokens: list[list[str]]):
+    from rouge_score import rouge_scorer
+
+    if not pool_tokens:
+        return 0.0, None
+    scores = pool.map(partial(rouge_scorer._score_lcs, tokens), pool_tokens, chunksize=64)
+    best, best_index = 0.0, None
+    for index, score in enumerate(scores):
+        if score.fmeasure > best:  # first maximum, as the engine reports it
+            best, best_index = score.fmeasure, index
+    return best, best_index
+
+
+def run_baseline(stream: list[str], positions: list[int], pool_before, threshold: float,
+                 processes: int = 2):
+    """Alpaca-style decisions for `positions` and the seconds they took.
+
+    `pool_before` None: the real greedy loop over `positions`, with its own kept list. Otherwise
+    `pool_before(i)` lists the texts candidate i meets; their tokens are prepared untimed, since
+    the baseline tokenizes each instruction once, when it arrives (that is charged to it here).
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    tokenize = scorer._tokenizer.tokenize
+    results = {}
+    elapsed = 0.0
+    with multiprocessing.Pool(processes) as pool:
+        if pool_before is None:
+            started = time.perf_counter()
+            kept_tokens: list[list[str]] = []
+            for i in positions:
+                tokens = tokenize(stream[i])
+                best, best_index = _baseline_pool_max(pool, tokens, kept_tokens)
+                kept = not best > threshold
+                results[i] = (kept, best, best_index)
+                if kept:
+                    kept_tokens.append(tokens)
+            elapsed = time.perf_counter() - started
+        else:
+            cache: dict[str, list[str]] = {}
+            for i in positions:
+                pool_tokens = [cache[t] if t in cache else cache.setdefault(t, tokenize(t))
+                               for t in pool_before(i)]
+                started = time.perf_counter()
+                tokens = tokenize(stream[i])
+                best, best_index = _baseline_pool_max(pool, tokens, pool_tokens)
+                elapsed += time.perf_counter() - started
+                results[i] = (not best > threshold, best, best_index)
+    return results, elapsed
+
+
+# ----------------------------------------------------------------------------- engine
+def run_engine(stream: list[str], threshold: float, batch: int = 64):
+    from tasks.rouge.engine import RougeLFilter
+
+    started = time.perf_counter()
+    engine = RougeLFilter(threshold=threshold)
+    decisions = []
+    for start in range(0, len(stream), batch):
+        decisions.extend(engine.offer(stream[start : start + batch]))
+    return engine, decisions, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2500, 5000],
+                        help="stream prefixes to compare on")
+    parser.add_argument("--full", action="store_true", help="run the baseline on every candidate (slow)")
+    parser.add_argument("--sample", type=int, default=150,
+                        help="baseline candidates sampled per prefix after the first (without --full)")
+    parser.add_argument("--big", type=int, default=50_000, help="stream length for the engine-only run")
+    parser.add_argument("--threshold", type=float, default=0.7, help="ROUGE-L threshold")
+    parser.add_argument("--seed", type=int, default=0, help="stream seed")
+    args = parser.parse_args(argv)
+
+    stream = make_stream(max(max(args.sizes), args.big), seed=args.seed)
+    all_ok = True
+    print(f"{'N':>6} {'baseline':>10} {'cand/s':>10} {'engine cand/s':>14} {'ratio':>9} {'kept':>6} decisions")
+    for n_index, n in enumerate(args.sizes):
+        prefix = stream[:n]
+        engine, decisions, engine_time = run_engine(prefix, args.threshold)
+        got = [(d.kept, d.max_rouge_l, d.most_similar_index) for d in decisions]
+        if args.full or n_index == 0:
+            positions = list(range(n))
+            baseline, baseline_time = run_baseline(prefix, positions, None, args.threshold)
+            mode = "full"
+        else:
+            # Evenly spaced candidates, each against the pool it meets (references none here).
+            step = max(1, n // args.sample)
+            positions = list(range(step // 2, n, step))
+            kept_before = [0] * (n + 1)
+            for i, d in enumerate(decisions):
+                kept_before[i + 1] = kept_before[i] + d.kept
+            pool_texts = engine.pool
+            baseline, baseline_time = run_baseline(
+                prefix, positions, lambda i: pool_texts[: kept_before[i]], args.threshold)
+            mode = f"sample of {len(positions)}"
+        same = all(baseline[i] == got[i] for i in positions)
+        all_ok &= same
+        baseline_rate = len(positions) / baseline_time
+        engine_rate = n / engine_time
+        print(f"{n:>6} {mode:>10} {baseline_rate:>10.2f} {engine_rate:>14.0f} "
+              f"{engine_rate / baseline_rate:>8.0f}x {len(engine.kept):>6} "
+              f"{'identical' if same else 'DIFFERENT'} ({len(positions)} checked)")
+
+    big = stream[: args.big]
+    engine, decisions, engine_time = run_engine(big, args.threshold)
+    print(f"engine alone: {args.big} candidates in {engine_time:.2f} s "
+          f"({args.big / engine_time:.0f} cand/s), kept {len(engine.kept)}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefect flows: thin recipes that order the tasks and pass refs and small dicts."""

@@ -1,0 +1,202 @@
+"""The `alignflow` command line: each flow command builds the flow's pydantic config and runs it.
+
+    alignflow pretrain --max-steps 300
+    alignflow models list
+    alignflow models show base
+    alignflow datasets show corpus-clean@1
+
+Options are generated from the config models, so the command line, the Prefect UI form and the
+flow parameters always agree: a nested model's fields appear as flat options (`--max-steps`,
+not `--training.max-steps`), and every option's help is the field's description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from typing import Any, Literal, Sequence, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+
+# ---- pydantic model -> argparse options ----------------------------------------------------------
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def model_options(model: type[BaseModel], path: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...], Any, Any]]:
+    """(option name, field path, annotation, field info) for every leaf field, nested models flattened."""
+    out = []
+    for name, info in model.model_fields.items():
+        annotation = _unwrap_optional(info.annotation)
+        if _is_model(annotation):
+            out.extend(model_options(annotation, path + (name,)))
+        else:
+            out.append((name.replace("_", "-"), path + (name,), annotation, info))
+    return out
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: Sequence[str] = ()) -> None:
+    """Add one option per leaf field; unset options keep the model's defaults.
+
+    A field name that occurs in two nested models is prefixed with its parent's name
+    (`--cleaning-seed` beside `--training-seed`) so that neither is silently shadowed.
+    """
+    options = model_options(model)
+    counts: dict[str, int] = {}
+    for option, *_ in options:
+        counts[option] = counts.get(option, 0) + 1
+    for option, path, annotation, info in options:
+        if counts[option] > 1:
+            option = "-".join(p.replace("_", "-") for p in path)
+        if option in skip:
+            continue
+        default = info.get_default(call_default_factory=True)
+        help_text = (info.description or "").replace("%", "%%") + (f" (default: {default})" if default not in (None, [], "") else "")
+        kwargs: dict[str, Any] = {"dest": "__".join(path), "default": argparse.SUPPRESS, "help": help_text}
+        origin = get_origin(annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(get_args(annotation))
+            kwargs["type"] = type(get_args(annotation)[0])
+        elif origin in (list, tuple, Sequence):
+            item = (get_args(annotation) or (str,))[0]
+            kwargs["nargs"] = "*"
+            kwargs["type"] = item if item in (int, float, str) else str
+            kwargs["metavar"] = "VALUE"
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        else:
+            kwargs["type"] = str
+        parser.add_argument(f"--{option}", **kwargs)
+
+
+def config_from_args(model: type[BaseModel], args: argparse.Namespace, base: dict | None = None) -> BaseModel:
+    """Build `model` from the options given on the command line (nested by their field paths)."""
+    data: dict[str, Any] = json.loads(json.dumps(base or {}))
+    for dest, value in vars(args).items():
+        if "__" not in dest and dest not in model.model_fields:
+            continue
+        path = dest.split("__")
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return model.model_validate(data)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from flows.pretrain import pretrain
+    from tasks.pretrain.steps import PretrainConfig
+
+    config = config_from_args(PretrainConfig, args)
+    ref = pretrain(config)
+    print(f"registered model: {ref}")
+    return 0
+
+
+def _print_version(registry, kind: str, ref: str) -> None:
+    version = registry.resolve(kind, ref)
+    m = version.manifest
+    print(f"{kind} {version.ref}   created {m.created_at}   code {m.code_version}   flow run {m.flow_run_id or '-'}")
+    print(f"  path: {version.path}")
+    print("  files:")
+    for path, info in m.files.items():
+        rows = f", {info['rows']} rows" if "rows" in info else ""
+        print(f"    {path}  ({info['bytes']} bytes{rows}, sha256 {info['sha256'][:12]})")
+        if "schema" in info:
+            print("      schema: " + ", ".join(f"{k}: {v}" for k, v in info["schema"].items()))
+    if m.metrics:
+        print("  metrics:")
+        for key, value in m.metrics.items():
+            print(f"    {key}: {value:.4g}" if isinstance(value, float) else f"    {key}: {value}")
+    for key, value in m.extra.items():
+        if key != "fingerprint" and isinstance(value, dict):
+            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+    print("  lineage:")
+    for depth, k, ancestor in registry.lineage(kind, version.ref):
+        print(f"    {'  ' * depth}{'<- ' if depth else ''}{k} {ancestor.ref}")
+
+
+def run_registry(args: argparse.Namespace) -> int:
+    from storage.registry import Registry, describe
+
+    registry = Registry()
+    kind = args.kind
+    if args.action == "show":
+        _print_version(registry, kind, args.ref)
+        return 0
+    names = [args.name] if args.name else registry.names(kind)
+    if not names:
+        print(f"no {kind}s in {registry.root}")
+    for name in names:
+        for version in registry.versions(kind, name):
+            info = describe(version)
+            rows = ", ".join(f"{k}: {v}" for k, v in info["rows"].items())
+            parents = ", ".join(info["parents"]) or "-"
+            print(f"{info['ref']:<28} {info['created_at'][:19]}  {rows or '':<30} parents: {parents}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks.pretrain.steps import PretrainConfig
+
+    parser = argparse.ArgumentParser(prog="alignflow", description="From a corpus and a few seed tasks to an aligned language model, on Prefect.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pretrain = commands.add_parser("pretrain", help="Clean a corpus, train a tokenizer and pretrain a base model.", description=PretrainConfig.__doc__)
+    add_model_arguments(pretrain, PretrainConfig)
+    pretrain.set_defaults(func=run_pretrain)
+
+    for kind in ("dataset", "model"):
+        group = commands.add_parser(f"{kind}s", help=f"List or show registered {kind}s.")
+        actions = group.add_subparsers(dest="action", required=True)
+        listing = actions.add_parser("list", help=f"Every version of every {kind} (or of one name).")
+        listing.add_argument("name", nargs="?", help=f"Only this {kind} name.")
+        show = actions.add_parser("show", help="Files, schema, row counts, metrics and lineage of one version.")
+        show.add_argument("ref", help="NAME (the latest version) or NAME@VERSION.")
+        group.set_defaults(func=run_registry, kind=kind)
+
+    for module in ("tasks.rouge.cli",):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue
+        register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from storage.registry import RegistryError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValidationError as exc:
+        print(f"alignflow {args.command}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except (RegistryError, FileNotFoundError, ValueError) as exc:
+        print(f"alignflow {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tasks: plain functions holding the logic, and the Prefect tasks over them."""

@@ -1,0 +1,1 @@
+"""The pretrain stage: corpus input, cleaning, demo data, tokenizer and model training."""
