@@ -66,23 +66,23 @@ def word_count(text: str) -> int:
 
 
 def check_empty(text: str) -> str | None:
-    """"empty" when `text` holds nothing but whitespace."""
+    """Return "empty" when `text` holds nothing but whitespace, else None."""
     return "empty" if not text.strip() else None
 
 
 def check_too_long(text: str) -> str | None:
-    """"too_long" when `text` has more than 150 words."""
+    """Return "too_long" when `text` has more than 150 words, else None."""
     return "too_long" if word_count(text) > MAX_WORDS else None
 
 
 def check_too_short(text: str) -> str | None:
-    """"too_short" when `text` has 3 words or fewer."""
+    """Return "too_short" when `text` has 3 words or fewer, else None."""
     return "too_short" if word_count(text) <= MIN_WORDS else None
 
 
 def check_blocklist(text: str, language: str = "en") -> str | None:
-    """"blocklist" when `text` contains a blocked word (whole word, any case); with
-    `language="ko"` the Korean nouns of `BLOCKLIST_KO` count too."""
+    """Return "blocklist" when `text` contains a blocked word (whole word, any case); with
+    `language="ko"` the Korean nouns of `BLOCKLIST_KO` count too; else None."""
     if _BLOCKED_EN.search(text):
         return "blocklist"
     if language == "ko" and _BLOCKED_KO.search(text):
@@ -91,7 +91,7 @@ def check_blocklist(text: str, language: str = "en") -> str | None:
 
 
 def check_write_a_program(text: str) -> str | None:
-    """"write_a_program" when `text` starts with "Write a program", any case."""
+    """Return "write_a_program" when `text` starts with "Write a program" (any case), else None."""
     return "write_a_program" if _WRITE_A_PROGRAM.match(text.strip()) else None
 
 
@@ -101,7 +101,7 @@ def is_punctuation(char: str) -> bool:
 
 
 def check_first_char(text: str, language: str = "en") -> str | None:
-    """"bad_first_char" when the first non-space character of `text` is punctuation, or, for
+    """Return "bad_first_char" when the first non-space character of `text` is punctuation, or, for
     English, not ASCII. Other languages only get the punctuation check (the paper's ASCII rule
     would drop every Korean instruction)."""
     stripped = text.strip()

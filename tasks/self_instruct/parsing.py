@@ -19,12 +19,12 @@ from tasks.self_instruct.prompts import LANGUAGES, bootstrap_header, one_line
 from tasks.self_instruct.seeds import Instance
 
 # A numbered list item: "10.", "10)", "10:", "10 -", "#10.", "Task 10:", "작업 10:", optionally in
-# markdown bold. "10.5 liters" is not an item marker (a decimal number starting a line).
+# markdown bold. "10.5 liters" and "10:30" are not item markers (a number starting a line).
 _ITEM = re.compile(
     r"""^\s*(?:\*\*)?\s*
         (?:(?:task|instruction|작업|지시문?)\s*)?\#?\s*
         (?P<number>\d{1,4})
-        \s*(?:\.(?!\d)|\)|:|[-–—](?!\d)|번\.?)
+        \s*(?:\.(?!\d)|\)|:(?!\d)|[-–—](?!\d))
         \s*(?:\*\*)?\s*(?P<text>.*)$""",
     re.IGNORECASE | re.VERBOSE,
 )
@@ -141,9 +141,11 @@ def parse_instances(completion: str, is_classification: bool, finish_reason: str
     Output first (`is_classification=True`): each "Class label:" (or "Label:") gives the output of
     the instances whose "Input:" lines follow it.
     Korean labels ("입력:", "출력:", "예시 1", "클래스 레이블:", "레이블:") work the same. Values may
-    span several lines. Parsing stops where the model starts a new "Task:". Inputs without an
-    output (input first) and labels without an input (output first) are left out, and with
-    `finish_reason == "length"` the last instance, possibly cut off, is left out too.
+    span several lines and are stripped. Parsing stops where the model starts a new "Task:".
+    Inputs without an "Output:" line (input first) and labels without an "Input:" line (output
+    first) are left out, and with `finish_reason == "length"` the last instance, possibly cut off,
+    is left out too. An empty output is kept: judging it is `filters.filter_instances`' job, so
+    that it is counted in the funnel.
     """
     lines = completion.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     instances: list[Instance] = []
@@ -198,7 +200,7 @@ def _parse_output_first(lines: list[str], instances: list[Instance]) -> None:
     field: list[str] | None = None
 
     def flush() -> None:
-        if label and input_lines is not None:
+        if label is not None and input_lines is not None:
             instances.append(Instance(input=_clean_input(input_lines), output=label))
 
     for line in lines:

@@ -147,11 +147,24 @@ def _jsonl_records(path: Path, raw: bytes) -> list[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if _is_one_json_object(raw):
+                raise SeedFormatError(
+                    path, None, None,
+                    "holds one JSON object over several lines; expected one task a line (JSONL) "
+                    "or a JSON list of Alpaca records",
+                ) from None
             raise SeedFormatError(
                 path, f"line {number}", None, f"malformed JSON ({err.msg} at column {err.colno})"
             ) from None
         records.append((f"line {number}", record))
     return records
+
+
+def _is_one_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def _json_list_records(path: Path, raw: bytes) -> list[tuple[str, Any]]:
