@@ -17,6 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner alone; published files get the usual mode.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable: a crash after it cannot bring the old name back."""
     fd = os.open(path, os.O_RDONLY)
@@ -33,6 +43,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, FILE_MODE)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -24,9 +24,6 @@ from tasks.pretrain.corpus import read_corpus
 from tasks.pretrain.training import TrainingOptions
 from tasks.publish import markdown_image, plot_curves, publish_markdown, publish_table, run_logger
 
-DEMO_SEEDS = Path(__file__).resolve().parent.parent / "self_instruct" / "demo" / "seeds_en.jsonl"
-
-
 class PretrainConfig(BaseModel):
     """Everything the pretrain flow needs: where the text is, how to clean it, what to train."""
 
@@ -51,9 +48,13 @@ def demo_corpus_file(registry: Registry, documents: int) -> Path:
     """The demo corpus (stdlib docstrings + demo seed tasks), built once per registry root."""
     from tasks.pretrain.demo_corpus import build_demo_corpus
 
+    from tasks.self_instruct.demo_documents import seed_documents
+    from tasks.self_instruct.seeds import demo_seed_path, load_seed_tasks
+
     path = registry.root / "demo" / f"corpus-{documents}.jsonl"
     if not path.exists():
-        build_demo_corpus(path, max_documents=documents, seeds_path=DEMO_SEEDS)
+        extra = seed_documents(load_seed_tasks(demo_seed_path("en")), "en") + seed_documents(load_seed_tasks(demo_seed_path("ko")), "ko", copies=5)
+        build_demo_corpus(path, max_documents=documents, extra_documents=extra)
     return path
 
 

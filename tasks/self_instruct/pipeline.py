@@ -119,13 +119,18 @@ def make_filter(config: SelfInstructConfig, seeds: list[SeedTask], work: Path, s
     return engine
 
 
-def bootstrap_batch(
-    config: SelfInstructConfig, seeds: list[SeedTask], generator: Generator, work: Path, engine=None
-) -> dict[str, Any]:
+# work folder -> (acknowledged bootstrap batch, engine): rebuilding the pool every batch would cost
+# as much as the whole filter. An entry is taken out while a batch runs, so a failed batch never
+# leaves a half-updated engine behind.
+_ENGINES: dict[str, tuple[int, Any]] = {}
+
+
+def bootstrap_batch(config: SelfInstructConfig, seeds: list[SeedTask], generator: Generator, work: Path) -> dict[str, Any]:
     """Run the next bootstrap batch, write its part and advance the state. Returns the new state."""
     state = load_state(work)
     index = state["batches"]["bootstrap"] + 1
-    engine = engine or make_filter(config, seeds, work, state)
+    cached = _ENGINES.pop(str(work), None)
+    engine = cached[1] if cached and cached[0] == index - 1 else make_filter(config, seeds, work, state)
     kept_pool = [row["candidate"] for row in kept_machine_instructions(work, state)]
     rng = random.Random(f"{config.seed}-bootstrap-{index}")
     seed_by_text = {s.instruction: s.id for s in seeds}
@@ -166,6 +171,7 @@ def bootstrap_batch(
     if state["kept"] >= config.num_instructions or state["requests"] >= config.request_limit:
         state["stage"] = "classify"
     save_state(work, state)
+    _ENGINES[str(work)] = (index, engine)
     return state
 
 

@@ -30,9 +30,11 @@ TINY = dict(preset="tiny", vocab_size=512, seq_len=64, batch_size=8, max_steps=6
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory) -> Path:
     from tasks.pretrain.demo_corpus import build_demo_corpus
-    from tasks.pretrain.steps import DEMO_SEEDS
+    from tasks.self_instruct.demo_documents import seed_documents
+    from tasks.self_instruct.seeds import demo_seed_path, load_seed_tasks
 
-    return build_demo_corpus(tmp_path_factory.mktemp("corpus") / "demo.jsonl", max_documents=500, seeds_path=DEMO_SEEDS)
+    extra = seed_documents(load_seed_tasks(demo_seed_path("en")), copies=2)
+    return build_demo_corpus(tmp_path_factory.mktemp("corpus") / "demo.jsonl", max_documents=500, extra_documents=extra)
 
 
 def test_pretrain_registers_a_model_that_learned_and_generates(registry_root, corpus_file):

@@ -1,0 +1,58 @@
+"""Self-Instruct: a few seed tasks -> a large, filtered instruction dataset with instances.
+
+    alignflow self-instruct --num-instructions 200                   # demo seeds, the latest base model
+    alignflow self-instruct --seeds my_seeds.jsonl --generator openai --base-url http://127.0.0.1:8000/v1 --model my-model
+    python flows/self_instruct.py --language ko
+
+Every batch of requests is checkpointed: a killed run started again with the same parameters goes
+on where it stopped and ends with the same dataset. The result is announced with the event
+`alignflow.dataset.ready`, which starts the align flow when deployed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from tasks.publish import announce, run_logger
+from tasks.self_instruct.pipeline import SelfInstructConfig
+from tasks.self_instruct.steps import (
+    bootstrap_batch_step,
+    classify_batch_step,
+    instances_batch_step,
+    prepare_run,
+    register_dataset_step,
+)
+
+DATASET_READY = "alignflow.dataset.ready"
+
+
+@flow(name="self-instruct", log_prints=True)
+def self_instruct(config: SelfInstructConfig = SelfInstructConfig()) -> str:
+    """Bootstrap instructions from seed tasks and return the registered dataset's ref."""
+    logger = run_logger()
+    prepared = prepare_run(config)
+    config = SelfInstructConfig.model_validate(prepared["config"])  # the generator's model is pinned to a version
+    work, state = prepared["work"], prepared["state"]
+    progress = create_progress_artifact(progress=0.0, key="self-instruct-progress", description="Kept machine instructions / target.")
+
+    while state["stage"] == "bootstrap":
+        state = bootstrap_batch_step(config, work)
+        update_progress_artifact(progress, min(100.0, 100.0 * state["kept"] / config.num_instructions))
+    while state["stage"] == "classify":
+        state = classify_batch_step(config, work)
+    while state["stage"] == "instances":
+        state = instances_batch_step(config, work)
+
+    ref = register_dataset_step(config, prepared)
+    announce(DATASET_READY, "dataset", ref)
+    logger.info(f"registered dataset {ref}: {state['kept']} machine instructions from {state['requests']} requests")
+    return ref
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["self-instruct", *sys.argv[1:]]))

@@ -1,0 +1,198 @@
+"""The self-instruct flow's Prefect tasks: one task run per batch of requests, never per instruction.
+
+Retries sit on the batch tasks: a batch re-reads the acknowledged state, so a retried batch redoes
+exactly that batch. The generator is built once per process and reused across batches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from storage import atomic
+from storage.registry import Registry, fingerprint
+from storage.manifest import serialize_config
+from tasks.generation.config import GeneratorConfig, load_generator, resolve_local_model
+from tasks.generation.params import Generator
+from tasks.publish import markdown_image, publish_markdown, publish_table, run_logger
+from tasks.self_instruct import pipeline
+from tasks.self_instruct.pipeline import SelfInstructConfig
+from tasks.self_instruct.seeds import SeedTask, demo_seed_path, load_seed_tasks, seed_file_sha256
+
+_GENERATORS: dict[str, Generator] = {}
+
+
+def generator_for(config: GeneratorConfig) -> Generator:
+    key = config.model_dump_json()
+    if key not in _GENERATORS:
+        _GENERATORS[key] = load_generator(config, Registry())
+    return _GENERATORS[key]
+
+
+def seeds_path(config: SelfInstructConfig) -> Path:
+    return Path(config.seeds).expanduser() if config.seeds else demo_seed_path(config.language)
+
+
+def load_seeds(config: SelfInstructConfig) -> list[SeedTask]:
+    return load_seed_tasks(seeds_path(config))
+
+
+def generator_parent(config: GeneratorConfig) -> str | None:
+    """The registry ref of a local generator model (lineage), None for an endpoint or a plain folder."""
+    if config.backend != "local":
+        return None
+    folder, name = resolve_local_model(config.model, Registry())
+    return f"model:{name}" if "@" in name else None
+
+
+@task(name="prepare-self-instruct")
+def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
+    """Validate the seeds, pin the generator's model version, and find (or start) the work folder."""
+    seeds = load_seeds(config)
+    path = seeds_path(config)
+    parent = generator_parent(config.generator)
+    if parent:
+        # Pin "latest" to the exact version now, so a resumed run keeps the model it started with.
+        config = config.model_copy(update={"generator": config.generator.model_copy(update={"model": parent.partition(":")[2]})})
+    key = fingerprint(serialize_config(config), seed_file_sha256(path))
+    work = Registry().work_dir("self-instruct", key)
+    state = pipeline.load_state(work)
+    if state["requests"]:
+        run_logger().info(f"resuming from {work}: {state['requests']} requests done, {state['kept']} instructions kept, stage {state['stage']}")
+    return {"config": config.model_dump(mode="json"), "work": str(work), "seeds": len(seeds), "seeds_sha256": seed_file_sha256(path),
+            "seeds_path": str(path), "generator_parent": parent, "state": state}
+
+
+@task(name="bootstrap-batch", retries=2, retry_delay_seconds=5)
+def bootstrap_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
+    state = pipeline.bootstrap_batch(config, load_seeds(config), generator_for(config.generator), Path(work))
+    run_logger().info(f"batch {state['batches']['bootstrap']}: {state['requests']} requests, {state['kept']} instructions kept")
+    return state
+
+
+@task(name="classify-batch", retries=2, retry_delay_seconds=5)
+def classify_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
+    return pipeline.classify_batch(config, generator_for(config.generator), Path(work))
+
+
+@task(name="instances-batch", retries=2, retry_delay_seconds=5)
+def instances_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
+    return pipeline.instances_batch(config, generator_for(config.generator), Path(work))
+
+
+@task(name="register-self-instruct-dataset")
+def register_dataset_step(config: SelfInstructConfig, prepared: dict[str, Any]) -> str:
+    """Write the tables and exports as one dataset version, and publish the funnel, samples and plots."""
+    work = Path(prepared["work"])
+    seeds = load_seeds(config)
+    tables, funnel = pipeline.assemble_tables(config, seeds, work)
+    if tables["instructions"].num_rows == len(seeds):
+        run_logger().warning("no machine instruction was kept: the dataset holds the seeds only")
+    registry = Registry()
+    parents = [prepared["generator_parent"]] if prepared["generator_parent"] else []
+    identity = json.loads(tables["instructions"]["generator"].drop_null()[0].as_py()) if tables["instructions"]["generator"].null_count < tables["instructions"].num_rows else {"backend": config.generator.backend, "model": config.generator.model}
+    key = fingerprint(prepared["config"], prepared["seeds_sha256"], pipeline.load_state(work))
+    existing = registry.find("dataset", config.dataset_name, key)
+    if existing:
+        return existing.ref
+    histogram = nearest_seed_histogram(config, seeds, tables["instructions"])
+    with registry.new_version("dataset", config.dataset_name, config=config, parents=parents) as draft:
+        for name, table in tables.items():
+            atomic.write_parquet(draft.path / f"{name}.parquet", table)
+        export_alpaca(tables["sft"], draft.path / "alpaca.json")
+        export_self_instruct(tables["instructions"], tables["instances"], draft.path / "self_instruct.jsonl")
+        atomic.write_bytes(draft.path / "nearest_seed_rouge_l.png", histogram)
+        draft.extra.update(fingerprint=key, funnel=funnel, seeds_sha256=prepared["seeds_sha256"], seeds_file=prepared["seeds_path"],
+                           generator=identity)
+        draft.metrics.update(instructions=tables["instructions"].num_rows, machine_instructions=funnel["kept"],
+                             instances=tables["instances"].num_rows, requests=funnel["requests"])
+    publish_funnel(funnel, draft.ref)
+    publish_samples(tables, draft.ref, histogram)
+    return draft.ref
+
+
+def nearest_seed_histogram(config: SelfInstructConfig, seeds: list[SeedTask], instructions) -> bytes:
+    """The paper's figure: each kept instruction's ROUGE-L to its nearest seed; plus lengths and leading verbs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    machine = [r for r in instructions.to_pylist() if r["origin"] == "machine"]
+    scores = nearest_scores([r["instruction"] for r in machine], [s.instruction for s in seeds], config.rouge_tokenizer)
+    lengths = [len(r["instruction"].split()) for r in machine]
+    verbs = Counter(r["instruction"].split()[0].lower().strip(",.:") for r in machine if r["instruction"].split()).most_common(10)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100)
+    axes[0].hist(scores, bins=20, range=(0, 1), color="#4c72b0")
+    axes[0].set(title="ROUGE-L to the nearest seed", xlabel="ROUGE-L F", ylabel="instructions")
+    axes[1].hist(lengths, bins=20, color="#55a868")
+    axes[1].set(title="Instruction length", xlabel="words")
+    if verbs:
+        axes[2].barh([v for v, _ in verbs][::-1], [c for _, c in verbs][::-1], color="#c44e52")
+    axes[2].set(title="Most common leading words")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def nearest_scores(texts: list[str], references: list[str], tokenizer: str) -> list[float]:
+    """Each text's highest ROUGE-L F against the references alone (rouge-score's arithmetic)."""
+    from rapidfuzz.distance import LCSseq
+
+    from tasks.rouge.engine import rouge_l_fmeasure
+    from tasks.rouge.tokenize import make_tokenizer
+
+    tokenize = make_tokenizer(tokenizer, False)
+    refs = [tokenize(r) for r in references]
+    best = []
+    for text in texts:
+        tokens = tokenize(text)
+        best.append(max((rouge_l_fmeasure(LCSseq.similarity(ref, tokens), len(ref), len(tokens)) for ref in refs if ref and tokens), default=0.0))
+    return best
+
+
+def export_alpaca(sft, path: Path) -> None:
+    rows = []
+    for row in sft.to_pylist():
+        instruction, _, input_text = row["prompt"].partition("\n\n")
+        rows.append({"instruction": instruction, "input": input_text, "output": row["completion"]})
+    atomic.write_json(path, rows)
+
+
+def export_self_instruct(instructions, instances, path: Path) -> None:
+    by_id: dict[str, list[dict[str, str]]] = {}
+    for row in instances.to_pylist():
+        by_id.setdefault(row["instruction_id"], []).append({"input": row["input"], "output": row["output"]})
+    atomic.write_jsonl(path, [
+        {"id": r["id"], "instruction": r["instruction"], "instances": by_id.get(r["id"], []), "is_classification": r["is_classification"], "origin": r["origin"]}
+        for r in instructions.to_pylist()
+    ])
+
+
+def publish_funnel(funnel: dict[str, Any], ref: str) -> None:
+    rows = [{"stage": "requests", "count": funnel["requests"]},
+            {"stage": "failed requests", "count": funnel["failed_requests"]},
+            {"stage": "unparseable responses", "count": funnel["unparseable_responses"]},
+            {"stage": "candidate instructions", "count": funnel["candidates"]}]
+    rows += [{"stage": f"rejected: {reason}", "count": count} for reason, count in funnel["rejected"].items()]
+    rows += [{"stage": "kept instructions", "count": funnel["kept"]}]
+    rows += [{"stage": f"instances: {k}", "count": v} for k, v in funnel["instances"].items()]
+    publish_table("self-instruct-funnel", rows, f"Funnel of {ref}: candidates = rejections + kept.")
+
+
+def publish_samples(tables: dict[str, Any], ref: str, histogram: bytes) -> None:
+    machine = [r for r in tables["instructions"].to_pylist() if r["origin"] == "machine"][:20]
+    publish_table("self-instruct-samples", [
+        {"instruction": r["instruction"], "classification": r["is_classification"], "max_rouge_l": round(r["max_rouge_l"] or 0, 3), "most_similar": r["most_similar"]}
+        for r in machine
+    ], f"First kept machine instructions of {ref}.")
+    publish_markdown("self-instruct-diversity", f"# {ref}\n\n{markdown_image(histogram, 'ROUGE-L to nearest seed, lengths, leading words')}\n",
+                     "ROUGE-L of each kept instruction to its nearest seed, instruction lengths and leading words.")
