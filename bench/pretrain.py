@@ -66,7 +66,7 @@ def main() -> None:
     from tasks.pretrain.training import TrainingOptions, tokenize_documents
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "mini", "small", "base"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)

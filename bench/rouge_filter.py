@@ -34,27 +34,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.rouge.engine import RougeLFilter  # noqa: E402  (imported before any timing)
+
 _VERBS = """write generate explain summarize classify translate list describe create give
 compose suggest rewrite identify compare outline design draft find convert propose evaluate
 analyze brainstorm recommend predict calculate edit paraphrase name detect extract""".split()
-_FORMS = """poem story essay email letter tweet slogan haiku recipe speech review report
-dialogue riddle joke limerick headline summary product description cover letter blog post
-advertisement lesson plan song lyric job posting press release""".split()
+_FORMS = """poem, story, essay, email, letter, tweet, slogan, haiku, recipe, speech, review, report,
+dialogue, riddle, joke, limerick, headline, summary, product description, cover letter, blog post,
+advertisement, lesson plan, song, job posting, press release""".replace("\n", " ").split(", ")
 _ADJS = """short funny formal persuasive creative detailed concise polite friendly simple
 professional catchy informative humorous brief emotional technical inspiring sarcastic
 dramatic optimistic neutral academic casual heartfelt mysterious elegant vivid""".split()
-_TOPICS = """climate change artificial intelligence the ocean renewable energy a rainy day
-the french revolution quantum computing healthy eating remote work space exploration
-social media a lost dog the stock market friendship coffee machine learning democracy
-honeybees volcanoes the internet electric cars meditation chess ancient rome photosynthesis
-black holes a first date public transport recycling the moon landing video games gardening
-cryptocurrency time management a haunted house mountain climbing jazz music the human brain
-vaccines deserts a small bakery online privacy the olympics rainforests a job interview
-programming languages a summer vacation earthquakes the printing press nuclear power
-a childhood memory sleep city planning the water cycle dinosaurs a busy airport chocolate
-volunteering the history of tea wind turbines a library at night robots kindness""".split("\n")
-_TOPIC_LIST = [t.strip() for line in _TOPICS for t in line.split("  ")]
-_TOPIC_WORDS = sorted({w for line in _TOPICS for w in line.split()})
+_TOPIC_LIST = [t.strip() for t in """climate change, artificial intelligence, the ocean,
+renewable energy, a rainy day, the french revolution, quantum computing, healthy eating, remote
+work, space exploration, social media, a lost dog, the stock market, friendship, coffee, machine
+learning, democracy, honeybees, volcanoes, the internet, electric cars, meditation, chess, ancient
+rome, photosynthesis, black holes, a first date, public transport, recycling, the moon landing,
+video games, gardening, cryptocurrency, time management, a haunted house, mountain climbing, jazz
+music, the human brain, vaccines, deserts, a small bakery, online privacy, the olympics,
+rainforests, a job interview, programming languages, a summer vacation, earthquakes, the printing
+press, nuclear power, a childhood memory, sleep, city planning, the water cycle, dinosaurs, a busy
+airport, chocolate, volunteering, the history of tea, wind turbines, a library at night, robots,
+kindness, medieval castles, urban gardening, the silk road, coral reefs, penguins, tax returns,
+a marathon, origami, the periodic table, street food, a power outage, lighthouses, sourdough
+bread, the immune system, glaciers, fake news, a rocket launch, beekeeping, the roman empire,
+wildfires, a chess tournament, smartphones, bicycles, a wedding toast, fermentation, submarines,
+the great wall, a thunderstorm, solar panels, a museum visit, board games, migration of birds,
+a startup pitch, knitting, the water crisis, ancient egypt, a spelling bee, a camping trip""".replace("\n", " ").split(",")]
+_TOPIC_WORDS = sorted({w for t in _TOPIC_LIST for w in t.split() if len(w) > 3})
 _THINGS = """ideas names questions examples reasons tips strategies facts ways steps benefits
 risks arguments titles keywords activities exercises habits""".split()
 _LANGS = "French Spanish German Italian Japanese Korean Portuguese Dutch Swedish Polish".split()
@@ -86,6 +93,22 @@ _TEMPLATES = [
     "Is the following {item} about {topic} {label1} or {label2}? Answer with one word.",
     "Draft a {adj} {form} inviting {audience} to an event about {topic}.",
 ]
+_SYLLABLES = "ka lo ri ven ta mir sol de na bru ex tor li quan pe zu gra mo hel vi dan or sen fa".split()
+_ENTITY_KINDS = """festival, startup, river, bakery, museum, novel, village, app, football club, band,
+restaurant, university, hiking trail, podcast, board game, island, company, bridge""".replace("\n", " ").split(", ")
+_UNITS = "kilometers miles degrees dollars euros grams liters hours minutes percent".split()
+_ENTITY_TEMPLATES = [
+    "Write a {adj} {form} about the {name} {kind}.",
+    "Describe the history of the {name} {kind} in {n} sentences.",
+    "Convert {number} {unit} into {unit2}.",
+    "What is {number} {unit} plus {number2} {unit}?",
+    "Give {n} {things} for visiting the {name} {kind}.",
+    "Summarize the following review of the {name} {kind}.",
+    "Compare the {name} {kind} with the {name2} {kind}.",
+    "Explain why the {name} {kind} is popular among {audience}.",
+    "Write an email to {person} about the {name} {kind}.",
+    "Create a {form} for {person}'s {kind}.",
+]
 _FILLER = ["please", "briefly", "now", "carefully", "also", "really", "in detail", "step by step"]
 
 
@@ -98,7 +121,20 @@ def _zipf_choice(rng: random.Random, items: list, s: float = 1.1):
     return rng.choices(items, weights=weights, k=1)[0]
 
 
+def _name(rng: random.Random) -> str:
+    # The long tail of real instructions: names, places, products, numbers.
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
 def _fresh(rng: random.Random) -> str:
+    if rng.random() < 0.4:
+        unit, unit2 = rng.sample(_UNITS, 2)
+        return rng.choice(_ENTITY_TEMPLATES).format(
+            adj=_zipf_choice(rng, _ADJS), form=_zipf_choice(rng, _FORMS), name=_name(rng),
+            name2=_name(rng), kind=rng.choice(_ENTITY_KINDS), n=rng.randint(2, 12),
+            number=rng.randint(2, 2000), number2=rng.randint(2, 2000), unit=unit, unit2=unit2,
+            things=rng.choice(_THINGS), audience=rng.choice(_AUDIENCES), person=_name(rng),
+        )
     label1, label2 = rng.choice(_LABELS)
     verb = _zipf_choice(rng, _VERBS)
     text = rng.choice(_TEMPLATES).format(
@@ -136,7 +172,7 @@ def _recombination(rng: random.Random, first: str, second: str) -> str:
 
 
 def make_stream(n: int, seed: int = 0) -> list[str]:
-    """`n` realistic instructions: ~60% fresh, ~28% near-duplicates, ~12% recombinations."""
+    """`n` realistic instructions: ~60% fresh (40% of those naming entities or numbers), ~28% near-duplicates, ~12% recombinations."""
     rng = random.Random(seed)
     stream: list[str] = []
     for _ in range(n):
@@ -151,26 +187,30 @@ def make_stream(n: int, seed: int = 0) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- baseline
-def _baseline_pool_max(pool: multiprocessing.pool.Pool, tokens: list[str], pool_tokens: list[list[str]]):
+def _baseline_one(tokens: list[str], pool_tokens: list[list[str]], processes: int):
+    """One candidate, as Alpaca's generate_instruction.py scores it: a Pool per candidate."""
+    import numpy as np
     from rouge_score import rouge_scorer
 
     if not pool_tokens:
         return 0.0, None
-    scores = pool.map(partial(rouge_scorer._score_lcs, tokens), pool_tokens, chunksize=64)
-    best, best_index = 0.0, None
-    for index, score in enumerate(scores):
-        if score.fmeasure > best:  # first maximum, as the engine reports it
-            best, best_index = score.fmeasure, index
-    return best, best_index
+    with multiprocessing.Pool(processes) as pool:
+        scores = pool.map(partial(rouge_scorer._score_lcs, tokens), pool_tokens)
+    scores = [score.fmeasure for score in scores]
+    np.argsort(scores)[-10:][::-1]  # Alpaca keeps the 10 most similar; same work here
+    best = max(scores)
+    # The engine reports the first pool item reaching the maximum; None when it is 0.
+    return best, (scores.index(best) if best > 0 else None)
 
 
-def run_baseline(stream: list[str], positions: list[int], pool_before, threshold: float,
-                 processes: int = 2):
+def run_baseline(stream: list[str], seeds: list[str], positions: list[int], pool_before,
+                 threshold: float, processes: int = 2):
     """Alpaca-style decisions for `positions` and the seconds they took.
 
-    `pool_before` None: the real greedy loop over `positions`, with its own kept list. Otherwise
-    `pool_before(i)` lists the texts candidate i meets; their tokens are prepared untimed, since
-    the baseline tokenizes each instruction once, when it arrives (that is charged to it here).
+    `pool_before` None: the real greedy loop over `positions`, with its own pool (seeds, then
+    kept). Otherwise `pool_before(i)` lists the texts candidate i meets; their tokens are
+    prepared untimed, since the baseline tokenizes each instruction once, when it arrives
+    (charged to it here).
     """
     from rouge_score import rouge_scorer
 
@@ -178,37 +218,35 @@ def run_baseline(stream: list[str], positions: list[int], pool_before, threshold
     tokenize = scorer._tokenizer.tokenize
     results = {}
     elapsed = 0.0
-    with multiprocessing.Pool(processes) as pool:
-        if pool_before is None:
+    if pool_before is None:
+        started = time.perf_counter()
+        pool_tokens = [tokenize(text) for text in seeds]
+        for i in positions:
+            tokens = tokenize(stream[i])
+            best, best_index = _baseline_one(tokens, pool_tokens, processes)
+            kept = not best > threshold
+            results[i] = (kept, best, best_index)
+            if kept:
+                pool_tokens.append(tokens)
+        elapsed = time.perf_counter() - started
+    else:
+        cache: dict[str, list[str]] = {}
+        for i in positions:
+            pool_tokens = [cache[t] if t in cache else cache.setdefault(t, tokenize(t)) for t in pool_before(i)]
             started = time.perf_counter()
-            kept_tokens: list[list[str]] = []
-            for i in positions:
-                tokens = tokenize(stream[i])
-                best, best_index = _baseline_pool_max(pool, tokens, kept_tokens)
-                kept = not best > threshold
-                results[i] = (kept, best, best_index)
-                if kept:
-                    kept_tokens.append(tokens)
-            elapsed = time.perf_counter() - started
-        else:
-            cache: dict[str, list[str]] = {}
-            for i in positions:
-                pool_tokens = [cache[t] if t in cache else cache.setdefault(t, tokenize(t))
-                               for t in pool_before(i)]
-                started = time.perf_counter()
-                tokens = tokenize(stream[i])
-                best, best_index = _baseline_pool_max(pool, tokens, pool_tokens)
-                elapsed += time.perf_counter() - started
-                results[i] = (not best > threshold, best, best_index)
+            tokens = tokenize(stream[i])
+            best, best_index = _baseline_one(tokens, pool_tokens, processes)
+            elapsed += time.perf_counter() - started
+            results[i] = (not best > threshold, best, best_index)
     return results, elapsed
 
 
 # ----------------------------------------------------------------------------- engine
-def run_engine(stream: list[str], threshold: float, batch: int = 64):
-    from tasks.rouge.engine import RougeLFilter
-
+def run_engine(stream: list[str], seeds: list[str], threshold: float, batch: int = 64):
+    """The engine over `stream` in batches (as the self-instruct flow offers them), timed."""
     started = time.perf_counter()
     engine = RougeLFilter(threshold=threshold)
+    engine.add_references(seeds)
     decisions = []
     for start in range(0, len(stream), batch):
         decisions.extend(engine.offer(stream[start : start + batch]))
@@ -221,25 +259,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="stream prefixes to compare on")
     parser.add_argument("--full", action="store_true", help="run the baseline on every candidate (slow)")
     parser.add_argument("--sample", type=int, default=150,
-                        help="baseline candidates sampled per prefix after the first (without --full)")
+                        help="baseline candidates sampled per prefix larger than --full-up-to")
+    parser.add_argument("--full-up-to", type=int, default=0,
+                        help="run the baseline on every candidate for prefixes up to this size")
     parser.add_argument("--big", type=int, default=50_000, help="stream length for the engine-only run")
     parser.add_argument("--threshold", type=float, default=0.7, help="ROUGE-L threshold")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
     args = parser.parse_args(argv)
 
     stream = make_stream(max(max(args.sizes), args.big), seed=args.seed)
+    # Alpaca's pool starts with the 175 seed tasks; these stand in for them.
+    seeds = make_stream(175, seed=args.seed + 1000)
     all_ok = True
     print(f"{'N':>6} {'baseline':>10} {'cand/s':>10} {'engine cand/s':>14} {'ratio':>9} {'kept':>6} decisions")
     for n_index, n in enumerate(args.sizes):
         prefix = stream[:n]
-        engine, decisions, engine_time = run_engine(prefix, args.threshold)
+        engine, decisions, engine_time = run_engine(prefix, seeds, args.threshold)
         got = [(d.kept, d.max_rouge_l, d.most_similar_index) for d in decisions]
-        if args.full or n_index == 0:
+        if args.full or n <= args.full_up_to:
             positions = list(range(n))
-            baseline, baseline_time = run_baseline(prefix, positions, None, args.threshold)
+            baseline, baseline_time = run_baseline(prefix, seeds, positions, None, args.threshold)
             mode = "full"
         else:
-            # Evenly spaced candidates, each against the pool it meets (references none here).
+            # Evenly spaced candidates, each against the pool it meets: seeds, then kept.
             step = max(1, n // args.sample)
             positions = list(range(step // 2, n, step))
             kept_before = [0] * (n + 1)
@@ -247,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 kept_before[i + 1] = kept_before[i] + d.kept
             pool_texts = engine.pool
             baseline, baseline_time = run_baseline(
-                prefix, positions, lambda i: pool_texts[: kept_before[i]], args.threshold)
+                prefix, seeds, positions, lambda i: pool_texts[: len(seeds) + kept_before[i]],
+                args.threshold)
             mode = f"sample of {len(positions)}"
         same = all(baseline[i] == got[i] for i in positions)
         all_ok &= same
@@ -258,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'identical' if same else 'DIFFERENT'} ({len(positions)} checked)")
 
     big = stream[: args.big]
-    engine, decisions, engine_time = run_engine(big, args.threshold)
+    engine, decisions, engine_time = run_engine(big, seeds, args.threshold)
     print(f"engine alone: {args.big} candidates in {engine_time:.2f} s "
           f"({args.big / engine_time:.0f} cand/s), kept {len(engine.kept)}")
     return 0 if all_ok else 1

@@ -70,3 +70,26 @@ def tiny_model_dir() -> Path:
         tokenizer.save_pretrained(folder)
         model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def demo_base_model() -> Path:
+    """A small model pretrained by the real pretrain flow on the demo corpus (docstrings + demo seeds).
+
+    It lives in its own registry root, so tests use it as a local folder (a generator `model` path).
+    """
+    from flows.pretrain import pretrain
+    from storage.registry import Registry
+    from tasks.pretrain.steps import PretrainConfig
+    from tasks.pretrain.training import TrainingOptions
+
+    root = _SESSION_TMP / "demo-registry"
+    previous = os.environ["ALIGNFLOW_HOME"]
+    os.environ["ALIGNFLOW_HOME"] = str(root)
+    try:
+        if not Registry(root).exists("model", "base"):
+            pretrain(PretrainConfig(demo_documents=800, training=TrainingOptions(
+                vocab_size=1024, seq_len=256, batch_size=16, max_steps=250, warmup_steps=10, eval_every=125, checkpoint_every=125)))
+        return Registry(root).resolve("model", "base").path
+    finally:
+        os.environ["ALIGNFLOW_HOME"] = previous

@@ -6,12 +6,14 @@ from typing import Literal
 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-Preset = Literal["tiny", "small", "base"]
+Preset = Literal["tiny", "mini", "small", "base"]
 
-# Sizes chosen for where they run: `tiny` trains in seconds on one CPU thread (tests, demo),
-# `small` in minutes on a laptop CPU, `base` (~110M) wants a GPU.
+# Sizes chosen for where they run: `tiny` trains in seconds on one CPU thread (tests), `mini` in
+# a minute or two (the demo: enough to learn the shapes of the self-instruct prompts), `small` in
+# tens of minutes on a laptop CPU, `base` (~110M) wants a GPU.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "mini": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
     "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),
 }

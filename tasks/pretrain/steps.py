@@ -24,6 +24,9 @@ from tasks.pretrain.corpus import read_corpus
 from tasks.pretrain.training import TrainingOptions
 from tasks.publish import markdown_image, plot_curves, publish_markdown, publish_table, run_logger
 
+MIN_CONTEXT = 1024
+
+
 class PretrainConfig(BaseModel):
     """Everything the pretrain flow needs: where the text is, how to clean it, what to train."""
 
@@ -144,7 +147,9 @@ def pretrain_step(corpus_ref: str, tokenizer_ref: str, options: TrainingOptions)
     if options.init_from:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_folder(registry, options.init_from))
     else:
-        model = build_model(options.preset, tokenizer, max_positions=options.seq_len, seed=options.seed)
+        # RoPE has no position table, so the context can exceed the training window; the
+        # self-instruct prompts (8 listed tasks, few-shot instance examples) need ~1k tokens.
+        model = build_model(options.preset, tokenizer, max_positions=max(options.seq_len, MIN_CONTEXT), seed=options.seed)
     logger.info(f"model: {options.preset if not options.init_from else options.init_from}, {count_parameters(model):,} parameters; work folder {work}")
     history = pretrain(
         model,
