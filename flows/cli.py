@@ -59,13 +59,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
     A field name that occurs in two nested models is prefixed with its parent's name
     (`--cleaning-seed` beside `--training-seed`) so that neither is silently shadowed.
     """
-    options = model_options(model)
+    options = [(RENAMED.get(option, option), path, annotation, info) for option, path, annotation, info in model_options(model)]
     counts: dict[str, int] = {}
     for option, *_ in options:
         counts[option] = counts.get(option, 0) + 1
     for option, path, annotation, info in options:
-        option = RENAMED.get(option, option)
-        if counts.get(option, 1) > 1:
+        if counts[option] > 1:
             option = "-".join(p.replace("_", "-") for p in path)
         if option in skip:
             continue
@@ -128,6 +127,36 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_align(args: argparse.Namespace) -> int:
+    from flows.align import align
+    from tasks.align.steps import AlignConfig
+
+    refs = align(config_from_args(AlignConfig, args))
+    print_align_summary(refs)
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import PipelineConfig, pipeline
+
+    refs = pipeline(config_from_args(PipelineConfig, args))
+    print_align_summary(refs)
+    return 0
+
+
+def print_align_summary(refs: dict[str, str]) -> None:
+    import pyarrow.parquet as pq
+
+    from storage.registry import Registry
+
+    for stage, ref in refs.items():
+        print(f"registered {stage}: {ref}")
+    version = Registry().resolve("dataset", refs["eval"])
+    print("\nevaluation on held-out prompts:")
+    for row in pq.read_table(version.path / "metrics.parquet").to_pylist():
+        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
 def _print_version(registry, kind: str, ref: str) -> None:
     version = registry.resolve(kind, ref)
     m = version.manifest
@@ -173,6 +202,7 @@ def run_registry(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tasks.pretrain.steps import PretrainConfig
+    from tasks.align.steps import AlignConfig
     from tasks.self_instruct.pipeline import SelfInstructConfig
 
     parser = argparse.ArgumentParser(prog="alignflow", description="From a corpus and a few seed tasks to an aligned language model, on Prefect.")
@@ -185,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     instruct = commands.add_parser("self-instruct", help="Bootstrap an instruction dataset from seed tasks.", description=SelfInstructConfig.__doc__)
     add_model_arguments(instruct, SelfInstructConfig)
     instruct.set_defaults(func=run_self_instruct)
+
+    align = commands.add_parser("align", help="SFT, preference pairs, reward model, PPO and evaluation.", description=AlignConfig.__doc__)
+    add_model_arguments(align, AlignConfig)
+    align.set_defaults(func=run_align)
+
+    from flows.pipeline import PipelineConfig
+
+    everything = commands.add_parser("pipeline", help="pretrain -> self-instruct -> align, end to end.", description=PipelineConfig.__doc__)
+    add_model_arguments(everything, PipelineConfig)
+    everything.set_defaults(func=run_pipeline)
 
     for kind in ("dataset", "model"):
         group = commands.add_parser(f"{kind}s", help=f"List or show registered {kind}s.")

