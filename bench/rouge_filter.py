@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the baseline on every candidate for prefixes up to this size")
     parser.add_argument("--big", type=int, default=50_000, help="stream length for the engine-only run")
     parser.add_argument("--threshold", type=float, default=0.7, help="ROUGE-L threshold")
+    parser.add_argument("--repeat", type=int, default=5, help="engine runs per prefix (best and median shown)")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
     args = parser.parse_args(argv)
 
@@ -271,10 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     # Alpaca's pool starts with the 175 seed tasks; these stand in for them.
     seeds = make_stream(175, seed=args.seed + 1000)
     all_ok = True
-    print(f"{'N':>6} {'baseline':>10} {'cand/s':>10} {'engine cand/s':>14} {'ratio':>9} {'kept':>6} decisions")
+    print(f"baseline: Alpaca's filter loop (rouge-score tokenizer, _score_lcs over a Pool(2) per candidate);"
+          f" engine: RougeLFilter, best of {args.repeat} runs (median in brackets); 175 seeds + N candidates")
+    print(f"{'N':>6} {'baseline':>16} {'cand/s':>8} {'engine cand/s':>22} {'ratio':>7} {'kept':>6} decisions")
     for n_index, n in enumerate(args.sizes):
         prefix = stream[:n]
-        engine, decisions, engine_time = run_engine(prefix, seeds, args.threshold)
+        # The engine's run takes a fraction of a second, so a busy machine swings it a lot: it
+        # runs --repeat times and the best and the median are shown; the ratio uses the best.
+        runs = [run_engine(prefix, seeds, args.threshold) for _ in range(args.repeat)]
+        engine, decisions, _ = runs[0]
+        times = sorted(run[2] for run in runs)
+        engine_time, median_time = times[0], times[len(times) // 2]
         got = [(d.kept, d.max_rouge_l, d.most_similar_index) for d in decisions]
         if args.full or n <= args.full_up_to:
             positions = list(range(n))
@@ -296,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         all_ok &= same
         baseline_rate = len(positions) / baseline_time
         engine_rate = n / engine_time
-        print(f"{n:>6} {mode:>10} {baseline_rate:>10.2f} {engine_rate:>14.0f} "
-              f"{engine_rate / baseline_rate:>8.0f}x {len(engine.kept):>6} "
+        print(f"{n:>6} {mode:>16} {baseline_rate:>8.2f} {engine_rate:>12.0f} [{n / median_time:>7.0f}] "
+              f"{engine_rate / baseline_rate:>6.0f}x {len(engine.kept):>6} "
               f"{'identical' if same else 'DIFFERENT'} ({len(positions)} checked)")
 
     big = stream[: args.big]
+    cpu = time.process_time()
     engine, decisions, engine_time = run_engine(big, seeds, args.threshold)
-    print(f"engine alone: {args.big} candidates in {engine_time:.2f} s "
+    cpu = time.process_time() - cpu
+    print(f"engine alone: {args.big} candidates in {engine_time:.2f} s wall, {cpu:.2f} s CPU "
           f"({args.big / engine_time:.0f} cand/s), kept {len(engine.kept)}")
     return 0 if all_ok else 1
 

@@ -117,7 +117,8 @@ def sample_responses(
     out: list[list[str]] = []
     for i in range(len(prompts)):
         group = completions[i * k : (i + 1) * k]
-        out.append([c.text.strip() for c in group if c.finish_reason != "error"])
+        # Texts are kept as generated (no strip): the reward model must see what PPO will show it.
+        out.append([c.text for c in group if c.finish_reason != "error"])
     return out
 
 

@@ -124,6 +124,8 @@ def pairwise_accuracy(model_dir_or_model, tokenizer, prefs_table: pa.Table, batc
         tokenizer = tokenizer or saved_tokenizer
     else:
         model = model_dir_or_model
+        if tokenizer is None:
+            raise ValueError("pairwise_accuracy: pass the tokenizer along with a model object")
     if prefs_table.num_rows == 0:
         raise AlignError("pairwise accuracy of an empty preference table")
     prompts = prefs_table.column("prompt").to_pylist()

@@ -62,6 +62,17 @@ _RANK_SCALE = 1 << 40
 _FIRST_REBUILD = 64
 # Kept candidates scored against the pool per cdist call (bounds the temporary matrices).
 _EXACT_BLOCK = 64
+# Candidates are taken in blocks of this many.
+_BLOCK = 256
+# While the pool (plus the block) is at most this large, a block is scored against the whole pool
+# in C (cdist); past it, the prefix-filter index decides (measured crossover on template-like data).
+_SCAN_POOL = 2000
+# Scores within this factor of a row's approximate maximum are recomputed exactly.
+_NEAR = 1 - 1e-9
+# Up to this many probe candidates, verify them one call each; above, in one cdist call.
+_SMALL_PROBE = 16
+# Probe candidates are verified in chunks of about this many (between chunks, the search can stop).
+_VERIFY_CHUNK = 32
 # Highest code point usable for a token id once surrogates are skipped.
 _MAX_CODEPOINT = 0x10FFFF
 
@@ -87,6 +98,20 @@ def rouge_l_fmeasure(lcs: int, target_len: int, prediction_len: int) -> float:
     if precision + recall > 0:
         return 2 * precision * recall / (precision + recall)
     return 0.0
+
+
+def _fmeasures(lcs: np.ndarray, target_len: Any, prediction_len: np.ndarray) -> np.ndarray:
+    """`rouge_l_fmeasure` elementwise: the very float64 operations, so the same bits."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = lcs / prediction_len
+        recall = lcs / target_len
+        scores = 2 * precision * recall / (precision + recall)
+    scores[lcs == 0] = 0.0  # also covers empty items (0 / 0)
+    return scores
+
+
+def _first(pair: tuple) -> Any:
+    return pair[0]
 
 
 def _codepoint(token_id: int) -> int:
@@ -118,10 +143,12 @@ class RougeLFilter:
         t = self.threshold - _MARGIN
         self._ratio = t / (2.0 - t)  # k(n) = floor(n * ratio) + 1
         self._inv = (2.0 - t) / t  # longest partner of a length-m item: floor(m * inv)
+        self._half_t = t / 2.0  # a pair of lengths m, n needs overlap >= floor(half_t * (m + n)) + 1
+        self._needed_overlap: list[int] = []
+        self._least_lcs: dict[int, list[int]] = {}  # m -> n -> least LCS scoring above t
 
         self._vocab: dict[str, int] = {}
         self._chars: list[str | None] = []  # token id -> its one-character code (None: too large)
-        self._df: list[int] = []  # token id -> number of pool items containing it
         self._rank: list[int] = []  # token id -> position in the global order (frozen between rebuilds)
 
         self._texts: list[str] = []  # pool, in pool order
@@ -130,8 +157,10 @@ class RougeLFilter:
         self._codes: list[str | list[int]] = []  # rapidfuzz input per pool item
         self._lens: list[int] = []
         self._len_array = np.zeros(1024, dtype=np.float64)
-        self._postings: dict[int, list[int]] = {}
+        # token -> item length n -> r (tokens from it to the item's end) -> pool indices
+        self._postings: dict[int, dict[int, dict[int, list[int]]]] = {}
         self._built_at = 0  # pool size at the last rebuild
+        self._indexed = False  # the prefix index exists (built once the pool outgrows scanning)
 
     # ----------------------------------------------------------------- public API
     def add_references(self, texts: Sequence[str]) -> None:
@@ -142,6 +171,94 @@ class RougeLFilter:
 
     def offer(self, texts: Sequence[str]) -> list[Decision]:
         """Decide each text in order; kept ones join the pool at once."""
+        texts = list(texts)
+        results: list[Decision] = []
+        for start in range(0, len(texts), _BLOCK):
+            block = texts[start : start + _BLOCK]
+            if len(self._texts) + len(block) <= _SCAN_POOL:
+                results.extend(self._offer_scan(block))
+            else:
+                if not self._indexed:
+                    self._indexed = True
+                    self._rebuild()
+                results.extend(self._offer_indexed(block))
+        return results
+
+    def _offer_scan(self, texts: list[str]) -> list[Decision]:
+        """Small pool: every candidate of the block against the whole pool, in two cdist calls."""
+        all_ids = [self._token_ids(text) for text in texts]
+        rows = [position for position, ids in enumerate(all_ids) if ids]
+        row_of = {position: row for row, position in enumerate(rows)}
+        codes = [self._code(all_ids[position]) for position in rows]
+        query_lens = np.array([len(all_ids[position]) for position in rows], dtype=np.float64)[:, None]
+        pool_size = len(self._texts)
+        if codes and pool_size:
+            lcs = process.cdist(codes, self._codes[:pool_size], scorer=LCSseq.similarity,
+                                dtype=np.int32, workers=self.workers)
+            # 2l / (m + n) is the F-measure up to rounding: it finds the columns worth scoring.
+            approx = lcs / (query_lens + self._len_array[:pool_size])
+            first_max = approx.argmax(axis=1)
+            row_max = approx[np.arange(len(codes)), first_max]
+            # Rows with a single near-maximal column need no search for ties.
+            near_counts = (approx >= (row_max * _NEAR)[:, None]).sum(axis=1).tolist()
+            # rouge-score's F-measure of each row's first maximal column, elementwise.
+            first_score = _fmeasures(lcs[np.arange(len(codes)), first_max], query_lens[:, 0],
+                                     self._len_array[first_max]).tolist()
+            first_max, row_max = first_max.tolist(), row_max.tolist()
+        else:
+            lcs = approx = None
+            first_max = near_counts = row_max = first_score = [0] * len(codes)
+        if codes:
+            lcs_block = process.cdist(codes, codes, scorer=LCSseq.similarity, dtype=np.int32,
+                                      workers=self.workers)
+            # Bound on what any earlier row of the block scores, kept or not: most rows skip
+            # the block part.
+            earlier_max = np.tril(lcs_block / (query_lens + query_lens.T), -1).max(axis=1).tolist()
+            lcs_block = lcs_block.tolist()
+        lens = self._lens
+        threshold = self.threshold
+        kept_rows: list[int] = []  # block rows kept so far, and their pool indices
+        kept_indices: list[int] = []
+        results: list[Decision] = []
+        for position, text in enumerate(texts):
+            ids = all_ids[position]
+            if not ids:
+                self._append(text, ids, is_reference=False)
+                results.append(Decision(text, True, 0.0, None, None, True))
+                continue
+            row = row_of[position]
+            m = len(ids)
+            best, best_index = 0.0, None
+            if row_max[row] > 0.0:
+                if near_counts[row] == 1:
+                    best, best_index = first_score[row], first_max[row]
+                else:  # near-ties in 2l/(m+n): score them exactly
+                    for col in np.flatnonzero(approx[row] >= row_max[row] * _NEAR).tolist():
+                        score = rouge_l_fmeasure(int(lcs[row, col]), m, lens[col])
+                        if score > best:  # columns ascend: ties keep the first pool item
+                            best, best_index = score, col
+            if kept_rows and earlier_max[row] > 0.0 and 2.0 * earlier_max[row] >= best - _MARGIN:
+                block_row = lcs_block[row]
+                for other, index in zip(kept_rows, kept_indices):
+                    common = block_row[other]
+                    if common:
+                        score = rouge_l_fmeasure(common, m, lens[index])
+                        if score > best:  # later pool items win only when strictly higher
+                            best, best_index = score, index
+            if best > threshold:
+                results.append(Decision(text, False, best, self._texts[best_index], best_index, False))
+                continue
+            index = self._append(text, ids, is_reference=False, code=codes[row])
+            kept_rows.append(row)
+            kept_indices.append(index)
+            if best > 0.0:
+                results.append(Decision(text, True, best, self._texts[best_index], best_index, False))
+            else:
+                results.append(Decision(text, True, 0.0, None, None, False))
+        return results
+
+    def _offer_indexed(self, texts: list[str]) -> list[Decision]:
+        """Large pool: prefix-filter probes decide; kept candidates get their exact maximum after."""
         results: list[Decision | None] = []
         to_score: list[tuple[int, int]] = []  # (position in results, pool index) of kept texts
         for text in texts:
@@ -216,21 +333,22 @@ class RougeLFilter:
     def _token_ids(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"texts must be str, got {type(text).__name__}: {text!r}")
+        tokens = self._tokenize(text)
         vocab = self._vocab
-        ids = []
-        for token in self._tokenize(text):
-            token_id = vocab.get(token)
-            if token_id is None:
-                token_id = self._new_token(token)
-            ids.append(token_id)
-        return ids
+        try:
+            return [vocab[token] for token in tokens]
+        except KeyError:  # new words: give them ids
+            ids = []
+            for token in tokens:
+                token_id = vocab.get(token)
+                ids.append(self._new_token(token) if token_id is None else token_id)
+            return ids
 
     def _new_token(self, token: str) -> int:
         token_id = len(self._vocab)
         self._vocab[token] = token_id
         point = _codepoint(token_id)
         self._chars.append(chr(point) if point <= _MAX_CODEPOINT else None)
-        self._df.append(0)
         self._rank.append(token_id)  # unseen in the pool: document frequency 0
         return token_id
 
@@ -254,9 +372,8 @@ class RougeLFilter:
         if index >= len(self._len_array):
             self._len_array = np.concatenate([self._len_array, np.zeros_like(self._len_array)])
         self._len_array[index] = len(ids)
-        df = self._df
-        for token_id in set(ids):
-            df[token_id] += 1
+        if not self._indexed:  # small pools are scanned whole; the index is built when needed
+            return index
         if index + 1 >= max(_FIRST_REBUILD, 2 * self._built_at):
             self._rebuild()
         else:
@@ -264,50 +381,155 @@ class RougeLFilter:
         return index
 
     def _index(self, index: int) -> None:
+        """Index the prefix of pool item `index`: token -> r (tokens from it to the end) -> items."""
         ids = self._ids[index]
         if not ids:
             return
+        n = len(ids)
         ordered = sorted(ids, key=self._rank.__getitem__)
         postings = self._postings
-        for token_id in set(ordered[: self._prefix_len(len(ids))]):
-            bucket = postings.get(token_id)
+        previous = -1
+        for j in range(self._prefix_len(n)):
+            token_id = ordered[j]
+            if token_id == previous:  # repeats are adjacent; the first occurrence bounds best
+                continue
+            previous = token_id
+            by_length = postings.get(token_id)
+            if by_length is None:
+                postings[token_id] = {n: {n - j: [index]}}
+                continue
+            by_remaining = by_length.get(n)
+            if by_remaining is None:
+                by_length[n] = {n - j: [index]}
+                continue
+            bucket = by_remaining.get(n - j)
             if bucket is None:
-                postings[token_id] = [index]
+                by_remaining[n - j] = [index]
             else:
                 bucket.append(index)
 
+    def _extend_needed(self, total: int) -> None:
+        # needed[s]: least overlap for a pair whose lengths sum to s to score above the threshold.
+        needed = self._needed_overlap
+        needed.extend(math.floor(self._half_t * s) + 1 for s in range(len(needed), 2 * total + 1))
+
     def _rebuild(self) -> None:
         """Re-rank tokens by current document frequency (rarest first) and re-index every prefix."""
-        self._rank = [df * _RANK_SCALE + token_id for token_id, df in enumerate(self._df)]
+        df = [0] * len(self._vocab)  # token id -> number of pool items holding it
+        for ids in self._ids:
+            for token_id in set(ids):
+                df[token_id] += 1
+        self._rank = [count * _RANK_SCALE + token_id for token_id, count in enumerate(df)]
         self._postings = {}
         for index in range(len(self._texts)):
             self._index(index)
         self._built_at = len(self._texts)
 
     def _probe(self, ids: list[int], code: str | list[int]) -> tuple[float, int | None]:
-        """Highest score over the pool items that could score above the threshold (prefix filter)."""
+        """Highest score over the pool items that could score above the threshold.
+
+        Prefix filter plus PPJoin's positional filter: if the smallest common token (in the
+        global order) sits at position i of the candidate and has r tokens from it to the end of
+        the pool item, their overlap is at most min(m - i, r), and it must reach
+        k(m, n) = floor(t * (m + n) / 2) + 1.
+        """
         m = len(ids)
         ordered = sorted(ids, key=self._rank.__getitem__)
         postings = self._postings
-        candidates: set[int] = set()
-        for token_id in set(ordered[: self._prefix_len(m)]):
-            bucket = postings.get(token_id)
-            if bucket is not None:
-                candidates.update(bucket)
-        if not candidates:
-            return 0.0, None
-        low = math.floor(m * self._ratio) + 1
-        high = math.floor(m * self._inv)
-        lens, codes = self._lens, self._codes
-        best, best_index = 0.0, None
-        for index in sorted(candidates):  # ascending: ties keep the first pool item
-            n = lens[index]
-            if n < low or n > high:
+        low = math.floor(m * self._ratio) + 1  # shortest possible partner
+        high = math.floor(m * self._inv)  # longest possible partner
+        least_overlap = math.floor(self._half_t * (m + low)) + 1  # k(m, n) for every partner
+        needed = self._needed_overlap
+        if len(needed) <= m + high:
+            self._extend_needed(m + high)
+        lens = self._lens
+        passing: list[tuple[float, list[int]]] = []  # (overlap bound / (m + n), bucket)
+        previous = -1
+        for i in range(self._prefix_len(m)):
+            token_id = ordered[i]
+            if token_id == previous:
                 continue
-            score = rouge_l_fmeasure(LCSseq.similarity(code, codes[index]), m, n)
-            if score > best:
-                best, best_index = score, index
+            previous = token_id
+            left = m - i  # candidate tokens from this one to the end
+            if left < least_overlap:
+                break
+            by_length = postings.get(token_id)
+            if by_length is None:
+                continue
+            # Items are bucketed by length n, then by r = tokens from this one to their end: a
+            # bucket passes or fails whole on the bound min(left, r). An item is first seen at its
+            # smallest common token, which gives its valid bound; later sightings give smaller
+            # ones, so an item pruned then is pruned again: taking passing buckets whole is exact.
+            for n, by_remaining in by_length.items():
+                if n < low or n > high:
+                    continue
+                need = needed[m + n]
+                if left < need:
+                    continue
+                for remaining, bucket in by_remaining.items():
+                    if remaining >= need:
+                        passing.append(((left if left < remaining else remaining) / (m + n), bucket))
+        if not passing:
+            return 0.0, None
+        least = self._least_lcs.get(m)
+        if least is None or len(least) <= high:
+            least = self._least_lcs[m] = [self._least_lcs_above(m, n) for n in range(max(high, 2 * m) + 1)]
+        # Verify the most promising buckets first: once a score above the threshold is found,
+        # buckets whose bound 2 * overlap / (m + n) is below it cannot hold the maximum (nor tie
+        # it), so a near-duplicate is settled after a few LCS computations. Pairs that cannot go
+        # above the threshold need no score here: a kept candidate's maximum is computed after.
+        passing.sort(key=_first, reverse=True)
+        pending: list[int] = []
+        chunk = _VERIFY_CHUNK
+        best, best_index = 0.0, None
+        threshold = self.threshold
+        for bound, bucket in passing:
+            if best > threshold and 2.0 * bound < best - _MARGIN:
+                break
+            pending.extend(bucket)
+            if len(pending) >= chunk:
+                # An item met again in a later chunk is verified again: cheaper than tracking it.
+                best, best_index = self._verify(code, m, list(dict.fromkeys(pending)), least, best, best_index)
+                pending = []
+                chunk *= 2  # few calls when everything must be verified (kept candidates)
+        if pending:
+            best, best_index = self._verify(code, m, list(dict.fromkeys(pending)), least, best, best_index)
         return best, best_index
+
+    def _verify(self, code: str | list[int], m: int, indices: list[int], least: list[int],
+                best: float, best_index: int | None) -> tuple[float, int | None]:
+        """Update (best, best_index) with the pairs scoring above the threshold among `indices`."""
+        codes, lens = self._codes, self._lens
+        if len(indices) <= _SMALL_PROBE:
+            for index in indices:
+                n = lens[index]
+                lcs = LCSseq.similarity(code, codes[index], score_cutoff=least[n])
+                if lcs >= least[n]:
+                    score = rouge_l_fmeasure(lcs, m, n)
+                    if score > best or (score == best and index < best_index):  # ties: first item
+                        best, best_index = score, index
+            return best, best_index
+        lengths = [lens[i] for i in indices]
+        lcs = process.cdist([code], [codes[i] for i in indices], scorer=LCSseq.similarity,
+                            dtype=np.int32, score_cutoff=min(least[n] for n in set(lengths)))[0]
+        for position in np.flatnonzero(lcs).tolist():
+            n = lengths[position]
+            if lcs[position] >= least[n]:
+                score = rouge_l_fmeasure(int(lcs[position]), m, n)
+                index = indices[position]
+                if score > best or (score == best and index < best_index):
+                    best, best_index = score, index
+        return best, best_index
+
+    def _least_lcs_above(self, m: int, n: int) -> int:
+        """Smallest LCS length whose score for lengths (m, n) is above the threshold (or > min)."""
+        shortest = min(m, n)
+        lcs = max(1, math.floor(self.threshold * (m + n) / 2) - 2)
+        while lcs <= shortest and not rouge_l_fmeasure(lcs, m, n) > self.threshold:
+            lcs += 1
+        while lcs > 1 and rouge_l_fmeasure(lcs - 1, m, n) > self.threshold:
+            lcs -= 1
+        return lcs
 
     def _exact_max(self, indices: list[int]) -> list[tuple[float, int | None]]:
         """Exact highest score of each pool item `indices[i]` against the pool items before it."""
@@ -318,19 +540,24 @@ class RougeLFilter:
         lcs = process.cdist(
             queries, self._codes[:columns], scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers
         )
-        lengths = self._len_array[:columns]
-        m = np.array([self._lens[i] for i in indices], dtype=np.float64)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # The very operations of rouge-score, in float64, elementwise.
-            precision = lcs / lengths
-            recall = lcs / m
-            scores = 2 * precision * recall / (precision + recall)
-        scores[lcs == 0] = 0.0
-        # Each item sees only the pool before it.
-        scores[np.arange(columns)[None, :] >= np.array(indices)[:, None]] = -1.0
-        best = scores.argmax(axis=1)  # first maximum: the lowest pool index wins ties
+        lens = self._lens
+        m = np.array([lens[i] for i in indices], dtype=np.float64)[:, None]
+        # 2l / (m + n) equals rouge-score's F-measure up to rounding, so its row maximum finds the
+        # few columns that can hold the exact maximum; those are then scored exactly.
+        approx = lcs / (m + self._len_array[:columns])
+        for row, index in enumerate(indices):
+            approx[row, index:] = -1.0  # each item sees only the pool before it
+        row_max = approx.max(axis=1)
         results: list[tuple[float, int | None]] = []
-        for row, col in enumerate(best):
-            value = float(scores[row, col])
-            results.append((value, int(col)) if value > 0.0 else (0.0, None))
+        for row, index in enumerate(indices):
+            if row_max[row] <= 0.0:
+                results.append((0.0, None))
+                continue
+            best, best_index = 0.0, None
+            query_len = lens[index]
+            for col in np.flatnonzero(approx[row] >= row_max[row] * _NEAR).tolist():
+                score = rouge_l_fmeasure(int(lcs[row, col]), query_len, lens[col])
+                if score > best:  # columns ascend: ties keep the first pool item
+                    best, best_index = score, col
+            results.append((best, best_index))
         return results

@@ -40,6 +40,13 @@ from tasks.self_instruct.prompts import (
 from tasks.self_instruct.seeds import SeedTask
 
 STATE = "state.json"
+# The first line(s) of the expected continuation, appended to instance prompts and put back in
+# front of the completion before parsing. A prefill like this costs a strong model nothing and
+# keeps a small one from wandering off the format after "Task: ...".
+INSTANCE_PRIMERS = {
+    ("en", False): "\nExample 1\nInput:", ("en", True): "\nClass label:",
+    ("ko", False): "\n예시 1\n입력:", ("ko", True): "\n클래스 레이블:",
+}
 PROMPT_INSTRUCTIONS = 8  # the paper's prompts hold 8 numbered instructions; the model continues at 9
 
 
@@ -56,8 +63,8 @@ class SelfInstructConfig(BaseModel):
         default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, top_p=0.5, max_new_tokens=256),
         description="Decoding of the instruction continuations (the paper: temperature 0.7, top_p 0.5).")
     instance_decoding: DecodingParams = Field(
-        default_factory=lambda: DecodingParams(strategy="greedy", max_new_tokens=256),
-        description="Decoding of classification answers and instances (the paper: greedy).")
+        default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=256),
+        description="Decoding of instances. The paper decodes greedily with GPT-3; small models loop under greedy decoding, so the default samples. Classification answers are always greedy.")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="Reject an instruction whose ROUGE-L F with any seed or kept instruction is above this.")
     max_instances: int = Field(5, ge=1, le=100, description="Most instances kept per task.")
     seed: int = Field(0, ge=0, description="Seed of prompt sampling and generation.")
@@ -201,7 +208,7 @@ def classify_batch(config: SelfInstructConfig, generator: Generator, work: Path)
     index = state["batches"]["classify"] + 1
     start = (index - 1) * config.requests_per_batch
     batch = kept[start : start + config.requests_per_batch]
-    decoding = config.instance_decoding.model_copy(update={"max_new_tokens": 8, "stop": stop_sequences("classification", config.language),
+    decoding = config.instance_decoding.model_copy(update={"strategy": "greedy", "max_new_tokens": 8, "stop": stop_sequences("classification", config.language),
                                                            "seed": (config.seed * 1_000_003 + index) % (2**31 - 1)})
     completions = generator.complete([render_classification_prompt(r["candidate"], config.language) for r in batch], decoding) if batch else []
     rows = [{"instruction_id": machine_instruction_id(start + i), "is_classification": parse_classification(c.text) is True, "answer": c.text[:200]}
@@ -231,11 +238,12 @@ def instances_batch(config: SelfInstructConfig, generator: Generator, work: Path
     batch = [(machine_instruction_id(start + i), row["candidate"]) for i, row in enumerate(kept[start : start + config.requests_per_batch])]
     decoding = config.instance_decoding.model_copy(update={"stop": config.instance_decoding.stop or stop_sequences("instances", config.language),
                                                            "seed": (config.seed * 1_000_003 + index) % (2**31 - 1)})
-    prompts = [render_instance_prompt(text, is_cls.get(iid, False), config.language) for iid, text in batch]
+    primers = [INSTANCE_PRIMERS[(config.language, is_cls.get(iid, False))] for iid, _ in batch]
+    prompts = [render_instance_prompt(text, is_cls.get(iid, False), config.language) + primer for (iid, text), primer in zip(batch, primers)]
     completions = generator.complete(prompts, decoding) if batch else []
     rows = []
-    for (iid, _), completion in zip(batch, completions):
-        parsed = parse_instances(completion.text, is_cls.get(iid, False), finish_reason=completion.finish_reason)
+    for (iid, _), primer, completion in zip(batch, primers, completions):
+        parsed = parse_instances(primer.lstrip("\n") + completion.text, is_cls.get(iid, False), finish_reason=completion.finish_reason)
         kept_instances, counts, dropped = filter_instances(parsed, config.max_instances)
         rows.append({
             "instruction_id": iid, "parsed": len(parsed), "task_dropped": dropped, "counts": json.dumps(counts),

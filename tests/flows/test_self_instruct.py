@@ -28,7 +28,7 @@ def small_config(model: Path, **overrides) -> SelfInstructConfig:
     values = dict(
         generator=GeneratorConfig(model=str(model), batch_size=16),
         bootstrap_decoding=DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=96),
-        instance_decoding=DecodingParams(strategy="greedy", max_new_tokens=64),
+        instance_decoding=DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=64),
     )
     values.update(overrides)
     return SelfInstructConfig(**values)

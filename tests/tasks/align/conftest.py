@@ -8,7 +8,9 @@ measure that learning.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 _ALIGN_TMP = Path(tempfile.mkdtemp(prefix="alignflow-align-tests-"))
+atexit.register(shutil.rmtree, _ALIGN_TMP, ignore_errors=True)
 
 WORDS = [
     "apple", "river", "stone", "cloud", "garden", "window", "candle", "forest", "bridge", "pencil",

@@ -1,0 +1,315 @@
+"""Deduplicate an instruction file with the ROUGE-L novelty filter (the logic of `alignflow dedup`).
+
+Reads JSON (a list of objects, or JSON Lines in a .json file), JSONL or Parquet; keeps each row
+whose instruction scores at most the threshold against the references (``--against``) and every
+row kept before it, greedily in file order; writes the kept rows, with all their columns plus
+``max_rouge_l`` and ``most_similar``, to a Parquet file, atomically.
+
+Rows whose instruction is missing (no such key, or null), empty (blank), or without a single token
+under the chosen tokenizer (for example Korean text under ``rouge``) are not scored and not
+written: they are counted and reported.
+
+Run: ``python -m tasks.rouge.cli dedup --input FILE --column instruction --output OUT.parquet``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.rouge.engine import RougeLFilter
+from tasks.rouge.tokenize import TOKENIZERS
+
+# Candidates per engine call: large enough to amortise, small enough for a smooth progress bar.
+_BATCH = 1024
+_ADDED_COLUMNS = ("max_rouge_l", "most_similar")
+
+
+class DedupError(ValueError):
+    """Bad input for dedup: the message names the file, and the line/row and column where known."""
+
+
+@dataclass
+class DedupResult:
+    """What a dedup run did."""
+
+    rows: int  # rows read from the input
+    kept: int
+    rejected: int
+    missing: int  # no such key in the row, or null
+    empty: int  # blank instruction
+    no_tokens: int  # nothing left after tokenization (e.g. non-English text under "rouge")
+    references: int  # reference rows used (from --against)
+    output: Path | None
+    seconds: float
+    skipped_references: int = 0  # --against rows left out: missing, empty or without tokens
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"kept {self.kept}",
+            f"rejected {self.rejected}",
+            f"empty {self.empty}",
+            f"missing {self.missing}",
+            f"no tokens {self.no_tokens}",
+        ]
+        text = f"{self.rows} rows: " + ", ".join(parts)
+        if self.references:
+            text += f"; compared against {self.references} references"
+        if self.skipped_references:
+            text += f" ({self.skipped_references} reference rows without text skipped)"
+        if self.output is not None:
+            text += f"; wrote {self.output} in {self.seconds:.2f} s"
+        return "\n".join([text, *self.notes])
+
+
+# ----------------------------------------------------------------------------- reading
+def read_table(path: str | Path) -> pa.Table:
+    """Read a JSON list of objects, JSON Lines, or Parquet file into a pyarrow table."""
+    path = Path(path)
+    if not path.is_file():
+        raise DedupError(f"cannot read {path}: no such file" if not path.exists() else f"cannot read {path}: not a file")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as error:
+            raise DedupError(f"cannot read {path} as Parquet: {error}") from error
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DedupError(f"cannot read {path}: {error}") from error
+    if suffix in (".jsonl", ".ndjson"):
+        rows = _parse_jsonl(path, text)
+    else:
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DedupError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from error
+            if not isinstance(data, list):
+                raise DedupError(f"{path}: expected a JSON list of objects")
+            for number, row in enumerate(data):
+                if not isinstance(row, dict):
+                    raise DedupError(f"{path}: item {number} of the list is {type(row).__name__}, not an object")
+            rows = data
+        elif stripped.startswith("{"):
+            rows = _parse_jsonl(path, text)  # JSON Lines saved as .json, as datasets often are
+        elif not stripped:
+            rows = []
+        else:
+            raise DedupError(f"{path}: expected a JSON list of objects, JSON Lines, or Parquet")
+    return _rows_to_table(path, rows)
+
+
+def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DedupError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+        if not isinstance(row, dict):
+            raise DedupError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _rows_to_table(path: Path, rows: list[dict[str, Any]]) -> pa.Table:
+    columns: dict[str, None] = {}  # every key of every row, in first-seen order
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, None)
+    arrays = {}
+    for name in columns:
+        try:
+            arrays[name] = pa.array([row.get(name) for row in rows])
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as error:
+            raise DedupError(_mixed_types_message(path, rows, name, error)) from error
+    return pa.table(arrays) if arrays else pa.table({})
+
+
+def _mixed_types_message(path: Path, rows: list[dict[str, Any]], name: str, error: Exception) -> str:
+    first_type = None
+    for number, row in enumerate(rows):
+        value = row.get(name)
+        if value is None:
+            continue
+        if first_type is None:
+            first_type = type(value)
+        elif type(value) is not first_type:
+            return (f"{path}, row {number}: column {name!r} is {type(value).__name__} ({value!r:.60}) "
+                    f"where earlier rows hold {first_type.__name__}")
+    return f"{path}: column {name!r} cannot be stored in a table ({error})"
+
+
+def instruction_values(path: Path, table: pa.Table, column: str) -> list[str | None]:
+    """The column's values; None where missing. Errors name the file, row and column."""
+    if column not in table.column_names:
+        shown = ", ".join(table.column_names) or "none"
+        raise DedupError(f"{path}: no column {column!r} (columns: {shown})")
+    values = table.column(column).to_pylist()
+    for row, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise DedupError(
+                f"{path}, row {row}: column {column!r} is {type(value).__name__} ({value!r:.60}), not text"
+            )
+    return values
+
+
+# ----------------------------------------------------------------------------- dedup
+def dedup_table(
+    table: pa.Table,
+    column: str,
+    *,
+    path: Path = Path("<table>"),
+    references: Sequence[str | None] = (),
+    threshold: float = 0.7,
+    tokenizer: str = "rouge",
+    stemming: bool = False,
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pa.Table, DedupResult]:
+    """Filter `table` on `column`; return the kept rows (+ max_rouge_l, most_similar) and counts."""
+    check_options(threshold, tokenizer)
+    started = time.perf_counter()
+    values = instruction_values(path, table, column)
+    engine = RougeLFilter(threshold=threshold, tokenizer=tokenizer, stemming=stemming, workers=workers)
+    tokenize = engine._tokenize  # the engine's own tokenizer, so "no tokens" means the same thing
+
+    usable_refs = [text for text in references if text and text.strip() and tokenize(text)]
+    engine.add_references(usable_refs)
+
+    missing = empty = no_tokens = 0
+    rows: list[int] = []  # rows offered to the filter
+    texts: list[str] = []
+    for row, value in enumerate(values):
+        if value is None:
+            missing += 1
+        elif not value.strip():
+            empty += 1
+        else:
+            rows.append(row)
+            texts.append(value)
+
+    kept_rows: list[int] = []
+    scores: list[float] = []
+    similar: list[str | None] = []
+    rejected = 0
+    if progress is not None:
+        progress(len(values) - len(rows))
+    for start in range(0, len(texts), _BATCH):
+        decisions = engine.offer(texts[start : start + _BATCH])
+        for row, decision in zip(rows[start : start + _BATCH], decisions):
+            if decision.empty:
+                # No token under this tokenizer: it would score 0 against everything and always
+                # be kept; it is counted instead. (In the pool it changes no decision.)
+                no_tokens += 1
+            elif decision.kept:
+                kept_rows.append(row)
+                scores.append(decision.max_rouge_l)
+                similar.append(decision.most_similar)
+            else:
+                rejected += 1
+        if progress is not None:
+            progress(len(decisions))
+
+    kept_table = table.take(pa.array(kept_rows, type=pa.int64()))
+    for name in _ADDED_COLUMNS:  # recomputed, so an input that already has them gets fresh ones
+        if name in kept_table.column_names:
+            kept_table = kept_table.drop_columns([name])
+    kept_table = kept_table.append_column("max_rouge_l", pa.array(scores, type=pa.float64()))
+    kept_table = kept_table.append_column("most_similar", pa.array(similar, type=pa.string()))
+
+    notes = []
+    if no_tokens and tokenizer == "rouge":
+        notes.append(
+            f"note: {no_tokens} rows have no a-z/0-9 token under the 'rouge' tokenizer "
+            "(non-English text?); --tokenizer unicode scores them"
+        )
+    result = DedupResult(
+        rows=len(values), kept=len(kept_rows), rejected=rejected, missing=missing, empty=empty,
+        no_tokens=no_tokens, references=len(usable_refs), output=None,
+        seconds=time.perf_counter() - started,
+        skipped_references=len(references) - len(usable_refs), notes=notes,
+    )
+    return kept_table, result
+
+
+def check_options(threshold: float, tokenizer: str) -> None:
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold) or not 0.0 < threshold <= 1.0:
+        raise DedupError(f"--threshold must be in (0, 1], got {threshold}")
+    if tokenizer not in TOKENIZERS:
+        raise DedupError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
+
+
+def write_parquet_atomic(table: pa.Table, output: Path) -> None:
+    """Write to a temporary file beside `output`, then rename it over `output`."""
+    from storage.atomic import atomic_path
+
+    with atomic_path(output) as tmp:
+        pq.write_table(table, tmp)
+
+
+def dedup_file(
+    input_path: str | Path,
+    column: str,
+    output: str | Path,
+    *,
+    against: str | Path | None = None,
+    against_column: str | None = None,
+    threshold: float = 0.7,
+    tokenizer: str = "rouge",
+    stemming: bool = False,
+    workers: int = 1,
+    show_progress: bool | None = None,
+) -> DedupResult:
+    """Read `input_path`, filter it, write the kept rows to `output` (Parquet) atomically.
+
+    `show_progress` None: a progress bar on stderr when stderr is a terminal.
+    """
+    started = time.perf_counter()
+    check_options(threshold, tokenizer)
+    input_path, output = Path(input_path), Path(output)
+    if output.exists() and output.is_dir():
+        raise DedupError(f"cannot write {output}: it is a folder")
+    table = read_table(input_path)
+    references: list[str | None] = []
+    if against is not None:
+        against = Path(against)
+        ref_table = read_table(against)
+        references = instruction_values(against, ref_table, against_column or column)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=table.num_rows, unit="rows", desc="dedup", file=sys.stderr)
+    try:
+        kept, result = dedup_table(
+            table, column, path=input_path, references=references, threshold=threshold,
+            tokenizer=tokenizer, stemming=stemming, workers=workers,
+            progress=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    try:
+        write_parquet_atomic(kept, output)
+    except OSError as error:
+        raise DedupError(f"cannot write {output}: {error}") from error
+    result.output = output
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,227 @@
+"""The filter engine decides and scores exactly as rouge-score does, in both of its strategies.
+
+The reference implementation below is the obvious one: rouge-score's RougeScorer(["rougeL"]) on
+every (candidate, pool item) pair, greedily in order, as Self-Instruct and Alpaca run it.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+
+import tasks.rouge.engine as engine_module
+from tasks.rouge.engine import Decision, RougeLFilter, rouge_l_fmeasure
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"])
+
+
+def reference_filter(references, candidates, threshold):
+    """(kept, max score, index of the first pool item reaching it or None when 0) per candidate."""
+    pool = list(references)
+    out = []
+    for text in candidates:
+        best, best_index = 0.0, None
+        for index, other in enumerate(pool):
+            # Alpaca and Self-Instruct score (target=new candidate, prediction=pool item).
+            score = SCORER.score(text, other)["rougeL"].fmeasure
+            if score > best:
+                best, best_index = score, index
+        kept = not best > threshold
+        out.append((kept, best, best_index))
+        if kept:
+            pool.append(text)
+    return out
+
+
+@pytest.fixture(params=["scan", "index"])
+def strategy(request, monkeypatch):
+    """Run a test with the whole-pool scan, and again with the prefix-filter index from the start
+    (with frequent rebuilds), so that both exact strategies face the same cases."""
+    if request.param == "index":
+        monkeypatch.setattr(engine_module, "_SCAN_POOL", 0)
+        monkeypatch.setattr(engine_module, "_FIRST_REBUILD", 4)
+    return request.param
+
+
+WORDS = ["a", "b", "c", "d", "e", "the", "of", "write", "poem", "x1", "42"]
+ODD_ITEMS = ["", "!!!", "... ?", "café", "日本語", "한국어 문장", "ÄÖÜ", "a", "the"]
+token_text = st.one_of(
+    st.lists(st.sampled_from(WORDS + ["...", ",", "ß", "é"]), max_size=9).map(" ".join),
+    st.sampled_from(ODD_ITEMS),
+    st.text(alphabet="ab .,é日", max_size=8),
+)
+
+
+def _check_against_reference(references, candidates, threshold, batch):
+    engine = RougeLFilter(threshold=threshold)
+    engine.add_references(references)
+    decisions = []
+    for start in range(0, len(candidates), batch):
+        decisions.extend(engine.offer(candidates[start : start + batch]))
+    expected = reference_filter(references, candidates, threshold)
+    pool = list(references)
+    for text, decision, (kept, best, best_index) in zip(candidates, decisions, expected):
+        assert decision.text == text
+        assert decision.kept == kept, (text, decision, best)
+        assert math.isclose(decision.max_rouge_l, best, rel_tol=0, abs_tol=1e-9), (text, decision, best)
+        assert decision.most_similar_index == best_index, (text, decision, best, best_index)
+        assert decision.most_similar == (pool[best_index] if best_index is not None else None)
+        assert decision.empty == (not SCORER._tokenizer.tokenize(text))
+        if kept:
+            pool.append(text)
+    assert engine.kept == pool[len(references) :]
+
+
+# The strategy fixture only picks constants, the same for every example.
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    references=st.lists(token_text, max_size=6),
+    candidates=st.lists(token_text, max_size=60),
+    threshold=st.sampled_from([0.7, 0.5, 0.3, 0.9, 1.0, 0.05, 2 / 3]),
+    batch=st.integers(min_value=1, max_value=70),
+)
+def test_random_streams_match_rouge_score(strategy, references, candidates, threshold, batch) -> None:
+    _check_against_reference(references, candidates, threshold, batch)
+
+
+def test_boundary_where_the_shortcut_formula_differs(strategy) -> None:
+    # l=7, m=8, n=12: 2l/(m+n) is exactly 0.7, but rouge-score's 2pr/(p+r) is 0.7000000000000001.
+    pool_item = "a b c d e f g h i j k l"
+    candidate = "a b c d e f g z"
+    assert rouge_l_fmeasure(7, 8, 12) > 0.7
+    engine = RougeLFilter(0.7)
+    engine.add_references([pool_item])
+    (decision,) = engine.offer([candidate])
+    assert not decision.kept
+    assert decision.max_rouge_l == SCORER.score(candidate, pool_item)["rougeL"].fmeasure
+
+
+def test_kept_items_join_the_pool_within_a_batch(strategy) -> None:
+    engine = RougeLFilter(0.7)
+    engine.add_references(["Translate the sentence into French."])
+    decisions = engine.offer([
+        "Write a poem about the sea.",
+        "Write a poem about the sea!",  # duplicate of the previous item of the same batch
+        "Translate the sentence into French",  # duplicate of a reference
+        "",
+    ])
+    assert [d.kept for d in decisions] == [True, False, False, True]
+    assert decisions[1].most_similar_index == 1 and decisions[1].max_rouge_l == 1.0
+    assert decisions[2].most_similar_index == 0
+    assert decisions[3].empty and decisions[3].most_similar is None
+    assert engine.kept == ["Write a poem about the sea.", ""]
+    assert engine.references == ["Translate the sentence into French."]
+
+
+def test_ties_report_the_first_pool_item(strategy) -> None:
+    engine = RougeLFilter(0.9)
+    engine.add_references(["red green blue", "red green yellow", "red green blue"])
+    (decision,) = engine.offer(["red green"])
+    assert decision.most_similar_index == 0
+    assert decision.max_rouge_l == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.01, float("nan"), 2])
+def test_threshold_outside_zero_one_is_an_error(threshold) -> None:
+    with pytest.raises(ValueError, match="threshold must be in"):
+        RougeLFilter(threshold)
+
+
+def test_threshold_one_keeps_everything_but_still_scores() -> None:
+    engine = RougeLFilter(1.0)
+    decisions = engine.offer(["same text", "same text"])
+    assert [d.kept for d in decisions] == [True, True]
+    assert decisions[1].max_rouge_l == 1.0
+
+
+def test_non_text_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="texts must be str"):
+        RougeLFilter().offer([None])  # type: ignore[list-item]
+
+
+def test_unicode_tokenizer_filters_korean_near_duplicates(strategy) -> None:
+    texts = [
+        "다음 문장을 영어로 번역하세요.",
+        "다음 문장을 영어로 번역하세요!",  # same words
+        "다음 문장을 영어로 빨리 번역하세요.",  # near duplicate: one word added
+        "고양이에 대한 짧은 시를 써 주세요.",  # a different instruction
+        "세 가지 건강 팁을 알려 주세요.",
+    ]
+    rouge = RougeLFilter(0.7)
+    assert all(d.kept and d.empty for d in rouge.offer(texts))  # rouge-score sees no tokens at all
+    unicode = RougeLFilter(0.7, tokenizer="unicode")
+    assert [d.kept for d in unicode.offer(texts)] == [True, False, False, True, True]
+
+
+def test_state_dict_round_trip_decides_the_same(strategy) -> None:
+    stream = _realistic_stream(600)
+    whole = RougeLFilter(0.7)
+    whole.add_references(stream[:20])
+    expected = whole.offer(stream[20:])
+
+    first = RougeLFilter(0.7)
+    first.add_references(stream[:20])
+    got = first.offer(stream[20:300])
+    state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
+    second = RougeLFilter.from_state_dict(state)
+    got += second.offer(stream[300:])
+    assert got == expected
+    assert second.kept == whole.kept and second.references == whole.references
+
+
+def test_from_state_dict_rejects_foreign_state() -> None:
+    with pytest.raises(ValueError, match="not a RougeLFilter state"):
+        RougeLFilter.from_state_dict({"pool": []})
+
+
+def test_decision_is_frozen() -> None:
+    decision = RougeLFilter().offer(["hello world"])[0]
+    assert isinstance(decision, Decision)
+    with pytest.raises(AttributeError):
+        decision.kept = False  # type: ignore[misc]
+
+
+def _realistic_stream(n: int) -> list[str]:
+    path = Path(__file__).resolve().parents[3] / "bench" / "rouge_filter.py"
+    spec = importlib.util.spec_from_file_location("bench_rouge_filter", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_stream(n, seed=11)
+
+
+def test_realistic_instructions_decide_as_rouge_score(strategy) -> None:
+    """A few thousand generated instructions (near-duplicates and recombinations included)."""
+    stream = _realistic_stream(2100)
+    references, candidates = stream[:100], stream[100:]
+    engine = RougeLFilter(0.7)
+    engine.add_references(references)
+    decisions = []
+    for start in range(0, len(candidates), 100):
+        decisions.extend(engine.offer(candidates[start : start + 100]))
+
+    # rouge-score's decision for each candidate. Only pairs whose token multisets overlap enough
+    # can score above 0.7 (LCS <= overlap), so rouge-score's LCS runs on those alone.
+    tokenize = SCORER._tokenizer.tokenize
+    pool = [(tokenize(t), collections.Counter(tokenize(t))) for t in references]
+    for text, decision in zip(candidates, decisions):
+        tokens = tokenize(text)
+        counts = collections.Counter(tokens)
+        rejected = False
+        for other_tokens, other_counts in pool:
+            overlap = sum((counts & other_counts).values())
+            if tokens and other_tokens and 2 * overlap / (len(tokens) + len(other_tokens)) > 0.7 - 1e-6:
+                if rouge_scorer._score_lcs(tokens, other_tokens).fmeasure > 0.7:
+                    rejected = True
+                    break
+        assert decision.kept == (not rejected), text
+        if not rejected:
+            pool.append((tokens, counts))
+    assert 0.2 < sum(d.kept for d in decisions) / len(decisions) < 0.9  # both outcomes well exercised
