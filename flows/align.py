@@ -76,7 +76,11 @@ def align(config: AlignConfig = AlignConfig()) -> dict[str, str]:
     else:
         preferences_ref = register_preferences(config, data, sft, preferences_step(config, data, sft))
 
+    if config.stop_after == "preferences":
+        return {"sft": sft["ref"], "preferences": preferences_ref}
     rm = reward_step(config, sft, preferences_ref)
+    if config.stop_after == "reward":
+        return {"sft": sft["ref"], "preferences": preferences_ref, "rm": rm["ref"]}
     models = {"sft": sft}
     if not config.skip_ppo:
         models["ppo"] = ppo_step(config, data, sft, rm)

@@ -151,6 +151,8 @@ def print_align_summary(refs: dict[str, str]) -> None:
 
     for stage, ref in refs.items():
         print(f"registered {stage}: {ref}")
+    if "eval" not in refs:
+        return
     version = Registry().resolve("dataset", refs["eval"])
     print("\nevaluation on held-out prompts:")
     for row in pq.read_table(version.path / "metrics.parquet").to_pylist():

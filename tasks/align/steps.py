@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,7 +47,9 @@ class AlignConfig(BaseModel):
     reward: RewardOptions = Field(default_factory=RewardOptions, description="Reward model (TRL RewardTrainer).")
     ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO against the reward model (TRL PPOTrainer).")
     evaluation: EvalOptions = Field(default_factory=EvalOptions, description="The final comparison of base, SFT and PPO.")
-    skip_ppo: bool = Field(False, description="Stop after the reward model (evaluation then compares base and SFT).")
+    skip_ppo: bool = Field(False, description="Leave PPO out (the evaluation then compares base and SFT).")
+    stop_after: Literal["preferences", "reward", "evaluation"] = Field(
+        "evaluation", description="Stop after this stage, e.g. 'preferences' to collect human labels first and train later.")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -171,7 +173,9 @@ def reward_step(config: AlignConfig, sft: dict[str, Any], preferences_ref: str) 
     if not ref:
         work = Registry().work_dir("align-rm", key)
         prefs = pq.read_table(Registry().resolve("dataset", preferences_ref).file("preferences.parquet"))
-        train, held_out = split_train_eval(prefs, config.reward.eval_fraction, config.reward.seed)
+        # Another salt than the instruction split's: the same seed would put the RM's held-out pairs
+        # in a slice of the hash range that SFT's split already shapes.
+        train, held_out = split_train_eval(prefs, config.reward.eval_fraction, config.reward.seed + 1_000_003)
         atomic.write_parquet(work / "train.parquet", train)
         atomic.write_parquet(work / "heldout.parquet", held_out)
         metrics = train_reward_model(Path(sft["dir"]), work / "train.parquet", work / "heldout.parquet", work / "model", config.reward,
@@ -215,10 +219,10 @@ def evaluate_step(config: AlignConfig, data: dict[str, Any], models: dict[str, d
     registry = Registry()
     parents = [*data["parents"], *(f"model:{m['ref']}" for m in models.values()), f"model:{rm['ref']}"]
     with registry.new_version("dataset", "eval", config=config.evaluation, parents=parents) as draft:
-        write_eval_tables(result, draft.path)
+        tables = write_eval_tables(result, draft.path)
+        samples = pq.read_table(tables["samples"]).slice(0, 8).to_pylist()
         atomic.write_json(draft.path / "evaluation.json", result)
     rows = metrics_rows(result)
     publish_table("align-evaluation", rows, f"Base vs SFT vs PPO on {held_out.num_rows} held-out prompts ({draft.ref}).")
-    samples = pq.read_table(draft.path / "samples.parquet").slice(0, 8).to_pylist()
     publish_table("align-samples", samples, "The same held-out prompts answered by base, SFT and PPO.")
     return draft.ref

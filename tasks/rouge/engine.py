@@ -15,21 +15,30 @@ How it is fast, with every step exact:
 
 1. Texts become lists of integer token ids, and each list becomes a string of one code point per
    token, so rapidfuzz's bit-parallel LCS (``LCSseq``) runs on them in C.
-2. Rejection uses prefix filtering (AllPairs / PPJoin). A pair can score above ``t`` only if
-   ``2 * min(m, n) / (m + n) > t`` and ``2 * overlap / (m + n) > t`` (``overlap`` = multiset
-   intersection size, an upper bound of the LCS length). With a global token order (rarest first),
-   an item of length n then needs an overlap of at least ``k(n) = floor(t * n / (2 - t)) + 1``,
-   so two such items must share a token within their first ``len - k + 1`` tokens. The pool
-   indexes only those prefixes, and a candidate probes only its own prefix: common words are
-   never looked up, and only a handful of pairs per candidate reach the LCS. The bounds are
-   applied with a 1e-9 margin, so rounding can only add candidates, never lose one.
-   The token order (document frequency at the last rebuild) is frozen between rebuilds; the
-   index is rebuilt whenever the pool doubles, which keeps the work linear overall.
-3. A rejected candidate's highest score is above ``t``, so every pool item reaching it is among
-   the probed candidates: its report is exact from step 2 alone. A kept candidate's highest score
-   may be anywhere in [0, t], so it is computed against the whole pool in one rapidfuzz ``cdist``
-   call per block of kept candidates (bit-parallel, in C, on ``workers`` threads), then scored in
-   numpy with the same floating-point operations as rouge-score.
+2. Small pools (up to ``_SCAN_POOL`` items): a block of candidates is scored against the whole
+   pool in one ``cdist`` call and against itself in another; ``2l / (m + n)``, which equals the
+   F-measure up to rounding, finds each row's maximal columns, and those (ties included) are
+   scored with rouge-score's float operations. Then each candidate of the block is decided in
+   order. This beats any index while the pool is small: the kept candidates need every pair
+   anyway for their exact maximum.
+3. Larger pools: rejection uses prefix filtering (AllPairs / PPJoin). A pair can score above
+   ``t`` only if ``2 * min(m, n) / (m + n) > t`` and ``2 * overlap / (m + n) > t`` (``overlap`` =
+   multiset intersection size, an upper bound of the LCS length). With a global token order
+   (rarest first), an item of length n needs an overlap of at least
+   ``k(n) = floor(t * n / (2 - t)) + 1``, so two such items share a token within their first
+   ``len - k + 1`` tokens: the pool indexes only those prefixes and a candidate probes only its
+   own, so common words are never looked up. PPJoin's positional filter then drops an item whose
+   first common token leaves too few tokens after it, on either side, to reach the overlap that
+   the pair's lengths need. The surviving items are verified in the order of their bound, and the
+   search stops once the best score found is above the threshold and above every remaining bound,
+   so a near-duplicate costs a few LCS computations. All bounds use a 1e-9 margin, so rounding can
+   only add candidates, never lose one. The token order (document frequency at the last rebuild)
+   is frozen between rebuilds; the index is rebuilt when the pool doubles (linear work overall).
+4. A rejected candidate's highest score is above ``t``, so every pool item reaching it is among
+   the verified candidates: its report is exact from step 3. A kept candidate's highest score may
+   be anywhere in [0, t], so it is computed against the whole pool in one ``cdist`` call per block
+   of kept candidates (in C, on ``workers`` threads), like step 2. That part is quadratic in the
+   number of kept items, at a few nanoseconds per pair.
 
 Use::
 
@@ -66,7 +75,7 @@ _EXACT_BLOCK = 64
 _BLOCK = 256
 # While the pool (plus the block) is at most this large, a block is scored against the whole pool
 # in C (cdist); past it, the prefix-filter index decides (measured crossover on template-like data).
-_SCAN_POOL = 2000
+_SCAN_POOL = 4000
 # Scores within this factor of a row's approximate maximum are recomputed exactly.
 _NEAR = 1 - 1e-9
 # Up to this many probe candidates, verify them one call each; above, in one cdist call.
@@ -214,7 +223,6 @@ class RougeLFilter:
             # Bound on what any earlier row of the block scores, kept or not: most rows skip
             # the block part.
             earlier_max = np.tril(lcs_block / (query_lens + query_lens.T), -1).max(axis=1).tolist()
-            lcs_block = lcs_block.tolist()
         lens = self._lens
         threshold = self.threshold
         kept_rows: list[int] = []  # block rows kept so far, and their pool indices
@@ -238,7 +246,7 @@ class RougeLFilter:
                         if score > best:  # columns ascend: ties keep the first pool item
                             best, best_index = score, col
             if kept_rows and earlier_max[row] > 0.0 and 2.0 * earlier_max[row] >= best - _MARGIN:
-                block_row = lcs_block[row]
+                block_row = lcs_block[row].tolist()
                 for other, index in zip(kept_rows, kept_indices):
                     common = block_row[other]
                     if common:

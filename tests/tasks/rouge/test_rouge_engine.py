@@ -41,13 +41,15 @@ def reference_filter(references, candidates, threshold):
     return out
 
 
-@pytest.fixture(params=["scan", "index"])
+@pytest.fixture(params=["scan", "index", "switch"])
 def strategy(request, monkeypatch):
-    """Run a test with the whole-pool scan, and again with the prefix-filter index from the start
-    (with frequent rebuilds), so that both exact strategies face the same cases."""
-    if request.param == "index":
-        monkeypatch.setattr(engine_module, "_SCAN_POOL", 0)
+    """Run a test with the whole-pool scan, with the prefix-filter index from the start (and
+    frequent rebuilds), and switching from one to the other after a few dozen items, so that both
+    exact strategies and the hand-over face the same cases."""
+    if request.param in ("index", "switch"):
+        monkeypatch.setattr(engine_module, "_SCAN_POOL", 0 if request.param == "index" else 40)
         monkeypatch.setattr(engine_module, "_FIRST_REBUILD", 4)
+        monkeypatch.setattr(engine_module, "_BLOCK", 16)
     return request.param
 
 
@@ -225,3 +227,16 @@ def test_realistic_instructions_decide_as_rouge_score(strategy) -> None:
         if not rejected:
             pool.append((tokens, counts))
     assert 0.2 < sum(d.kept for d in decisions) / len(decisions) < 0.9  # both outcomes well exercised
+
+    # The reported maximum and most similar item, for a spread of candidates, with rouge-score on
+    # every pair of the pool each one met.
+    pool_texts = engine.pool
+    kept_before = 0
+    for position, (text, decision) in enumerate(zip(candidates, decisions)):
+        if position % 97 == 5:
+            scores = [SCORER.score(text, other)["rougeL"].fmeasure
+                      for other in pool_texts[: len(references) + kept_before]]
+            best = max(scores)
+            assert decision.max_rouge_l == pytest.approx(best, rel=0, abs=1e-9)
+            assert decision.most_similar_index == (scores.index(best) if best > 0 else None)
+        kept_before += decision.kept
