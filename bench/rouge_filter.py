@@ -4,22 +4,26 @@ The stream is a seeded, realistic mix of instructions: fresh ones from templates
 hundred words with Zipf-like choices, near-duplicates of earlier ones (a word replaced, dropped or
 added, a number changed, different case and punctuation) and recombinations of two earlier ones.
 
+Both sides start from 175 seed instructions (as Alpaca's pool does) generated with another seed.
 For N = 1,000, 2,500 and 5,000 it runs, on the same stream prefix:
 - the baseline, as Alpaca's generate_instruction.py does it: rouge-score's tokenizer once per
-  instruction, then rouge-score's ``_score_lcs`` of the new instruction against every kept one
-  through a ``multiprocessing.Pool`` (2 processes), keep when the highest score is <= 0.7;
-- the engine (``tasks.rouge.engine.RougeLFilter``), tokenization included;
+  instruction, then, for each new instruction, a fresh ``multiprocessing.Pool`` (2 processes, the
+  machine's cores) mapping rouge-score's ``_score_lcs`` over every pool instruction, an argsort for
+  the 10 most similar, and "keep when the highest score is <= 0.7";
+- the engine (``tasks.rouge.engine.RougeLFilter``, one thread), tokenization included, offered
+  batches of 64; it runs ``--repeat`` times (best and median printed; the ratio uses the best);
 and checks that the decisions, highest scores and most-similar indices are identical.
 
-The baseline is quadratic and slow (minutes at N = 2,500). By default it therefore runs in full
-only for the first N, and for larger N on an evenly spaced sample of the candidates: each sampled
-candidate is scored against the exact pool it meets in the stream (the engine's pool, which the
-full run and every sampled decision check), and the baseline's candidates/s for the prefix is
-the sample size divided by the sample's time, which is the same per-candidate cost averaged over
-the prefix. ``--full`` runs the baseline on every candidate (slow).
-Then the engine alone filters 50,000 candidates and the time is printed.
+The baseline is quadratic and slow (minutes at N = 2,500). By default it therefore runs on an
+evenly spaced sample of each prefix's candidates (``--sample``): each sampled candidate is scored
+against the exact pool it meets in the stream (the engine's pool; every sampled decision checks
+it), and the baseline's candidates/s for the prefix is the sample size divided by the sample's
+time, i.e. its per-candidate cost averaged over the prefix. ``--full`` (or ``--full-up-to N``)
+runs the real greedy baseline on every candidate and checks every decision (slow).
+Then the engine alone filters 50,000 candidates and the time is printed. The default run takes
+about a minute on 2 cores.
 
-Run: ``python bench/rouge_filter.py [--sizes 1000 2500 5000] [--full] [--big 50000]``
+Run: ``python bench/rouge_filter.py [--sizes 1000 2500 5000] [--sample 150] [--full] [--big 50000]``
 """
 
 from __future__ import annotations
