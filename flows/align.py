@@ -57,7 +57,9 @@ def preferences_step(config: AlignConfig, data: dict, sft: dict) -> str:
     return str(path)
 
 
-@flow(name="align", log_prints=True)
+# log_prints stays off: datasets fingerprints functions with dill, which reads the output of
+# dis.dis() from a captured stdout, and a patched print() would flood the run log with bytecode.
+@flow(name="align")
 def align(config: AlignConfig = AlignConfig()) -> dict[str, str]:
     """Run SFT, preferences, reward model, PPO and evaluation; return the registered refs."""
     logger = run_logger()

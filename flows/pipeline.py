@@ -31,7 +31,7 @@ class PipelineConfig(BaseModel):
     align: AlignConfig = Field(default_factory=AlignConfig, description="SFT, reward model, PPO and evaluation.")
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline")
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, str]:
     """Pretrain, bootstrap a dataset with the new model, align it; return every registered ref."""
     model_ref = pretrain(config.pretrain)

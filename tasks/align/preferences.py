@@ -389,3 +389,15 @@ def preference_stats(table: pa.Table) -> dict[str, float]:
         "mean_chosen_len": sum(map(len, chosen)) / rows if rows else 0.0,
         "mean_rejected_len": sum(map(len, rejected)) / rows if rows else 0.0,
     }
+
+
+def single_verdict_judge(judge: Generator, max_new_tokens: int = 8) -> Callable[[str, str, str], str]:
+    """`judge(prompt, a, b) -> "A" | "B" | "tie"` over a generator, for the evaluation's win rate
+    (which asks twice itself, with the positions swapped). No verdict counts as a tie."""
+    params = DecodingParams(strategy="greedy", max_new_tokens=max_new_tokens)
+
+    def verdict(prompt: str, a: str, b: str) -> str:
+        answer = judge.chat([[{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, a=a, b=b)}]], params)[0]
+        return parse_verdict(answer.text) or "tie"
+
+    return verdict

@@ -33,6 +33,8 @@ class EvalOptions(BaseModel):
     decoding: DecodingParams = Field(
         default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, max_new_tokens=40, seed=0),
         description="Decoding of the evaluation answers (the same for every model).")
+    judge: GeneratorConfig | None = Field(
+        None, description="An LLM judge for the win rate of PPO vs SFT, asked twice with positions swapped (a registry ref, a folder or an endpoint). Empty: the reward model's win rate only.")
 
 
 class AlignConfig(BaseModel):
@@ -214,8 +216,14 @@ def evaluate_step(config: AlignConfig, data: dict[str, Any], models: dict[str, d
 
     held_out = pq.read_table(data["heldout"]).slice(0, config.evaluation.max_prompts)
     folders = {"base": Path(data["base_dir"]), **{name: Path(m["dir"]) for name, m in models.items()}}
+    judge = None
+    if config.evaluation.judge:
+        from tasks.align.preferences import single_verdict_judge
+        from tasks.generation.config import load_generator
+
+        judge = single_verdict_judge(load_generator(config.evaluation.judge, Registry()))
     result = evaluate_models(folders, Path(rm["dir"]), held_out["prompt"].to_pylist(), held_out["completion"].to_pylist(),
-                             config.evaluation.decoding, reference_model="sft", log=run_logger().info)
+                             config.evaluation.decoding, reference_model="sft", judge=judge, log=run_logger().info)
     registry = Registry()
     parents = [*data["parents"], *(f"model:{m['ref']}" for m in models.values()), f"model:{rm['ref']}"]
     with registry.new_version("dataset", "eval", config=config.evaluation, parents=parents) as draft:

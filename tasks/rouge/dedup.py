@@ -5,6 +5,9 @@ whose instruction scores at most the threshold against the references (``--again
 row kept before it, greedily in file order; writes the kept rows, with all their columns plus
 ``max_rouge_l`` and ``most_similar``, to a Parquet file, atomically.
 
+The counts (kept, rejected, empty, missing, no tokens) are printed and also stored, as JSON, in
+the output's Parquet schema metadata under ``alignflow.dedup``.
+
 Rows whose instruction is missing (no such key, or null), empty (blank), or without a single token
 under the chosen tokenizer (for example Korean text under ``rouge``) are not scored and not
 written: they are counted and reported.
@@ -31,6 +34,8 @@ from tasks.rouge.tokenize import TOKENIZERS
 # Candidates per engine call: large enough to amortise, small enough for a smooth progress bar.
 _BATCH = 1024
 _ADDED_COLUMNS = ("max_rouge_l", "most_similar")
+# Parquet schema metadata key holding the run's counts and options (JSON).
+DEDUP_METADATA_KEY = b"alignflow.dedup"
 
 
 class DedupError(ValueError):
@@ -306,6 +311,16 @@ def dedup_file(
     finally:
         if bar is not None:
             bar.close()
+    # The counts travel with the file, so the rejected rows' count is not only on the terminal.
+    summary = {
+        "input": str(input_path), "column": column, "against": str(against) if against else None,
+        "threshold": threshold, "tokenizer": tokenizer, "stemming": stemming,
+        "rows": result.rows, "kept": result.kept, "rejected": result.rejected, "empty": result.empty,
+        "missing": result.missing, "no_tokens": result.no_tokens, "references": result.references,
+    }
+    metadata = dict(kept.schema.metadata or {})
+    metadata[DEDUP_METADATA_KEY] = json.dumps(summary).encode("utf-8")
+    kept = kept.replace_schema_metadata(metadata)
     try:
         write_parquet_atomic(kept, output)
     except OSError as error:

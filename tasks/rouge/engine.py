@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Sequence
 
 import numpy as np
@@ -450,7 +451,6 @@ class RougeLFilter:
         needed = self._needed_overlap
         if len(needed) <= m + high:
             self._extend_needed(m + high)
-        lens = self._lens
         passing: list[tuple[float, list[int]]] = []  # (overlap bound / (m + n), bucket)
         previous = -1
         for i in range(self._prefix_len(m)):
@@ -517,8 +517,9 @@ class RougeLFilter:
                     if score > best or (score == best and index < best_index):  # ties: first item
                         best, best_index = score, index
             return best, best_index
-        lengths = [lens[i] for i in indices]
-        lcs = process.cdist([code], [codes[i] for i in indices], scorer=LCSseq.similarity,
+        pick = itemgetter(*indices)  # many items at C speed (a tuple, as len(indices) > 1)
+        lengths = pick(lens)
+        lcs = process.cdist([code], pick(codes), scorer=LCSseq.similarity,
                             dtype=np.int32, score_cutoff=min(least[n] for n in set(lengths)))[0]
         for position in np.flatnonzero(lcs).tolist():
             n = lengths[position]
@@ -555,11 +556,20 @@ class RougeLFilter:
         approx = lcs / (m + self._len_array[:columns])
         for row, index in enumerate(indices):
             approx[row, index:] = -1.0  # each item sees only the pool before it
-        row_max = approx.max(axis=1)
+        first_max = approx.argmax(axis=1)
+        row_max = approx[np.arange(len(indices)), first_max]
+        # Rows with a single near-maximal column need no search for ties; score those vectorised.
+        near_counts = (approx >= (row_max * _NEAR)[:, None]).sum(axis=1).tolist()
+        first_score = _fmeasures(lcs[np.arange(len(indices)), first_max], m[:, 0],
+                                 self._len_array[first_max]).tolist()
+        first_max, row_max = first_max.tolist(), row_max.tolist()
         results: list[tuple[float, int | None]] = []
         for row, index in enumerate(indices):
             if row_max[row] <= 0.0:
                 results.append((0.0, None))
+                continue
+            if near_counts[row] == 1:
+                results.append((first_score[row], first_max[row]))
                 continue
             best, best_index = 0.0, None
             query_len = lens[index]

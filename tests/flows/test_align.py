@@ -44,20 +44,28 @@ def tiny_config(model, dataset, **overrides) -> AlignConfig:
 
 
 def test_align_registers_every_stage_with_lineage(registry_root, tiny_model_dir, instruction_file):
-    refs = align(tiny_config(tiny_model_dir, instruction_file))
+    from tasks.generation.config import GeneratorConfig
+
+    evaluation = EvalOptions(max_prompts=4, decoding=DecodingParams(strategy="sample", temperature=0.7, max_new_tokens=8),
+                             judge=GeneratorConfig(model=str(tiny_model_dir)))
+    refs = align(tiny_config(tiny_model_dir, instruction_file, evaluation=evaluation))
     registry = Registry()
     assert set(refs) == {"sft", "preferences", "rm", "ppo", "eval"}
     sft = registry.resolve("model", refs["sft"]).manifest
     assert sft.metrics["eval_loss_after"] < sft.metrics["eval_loss_before"]
     ppo_lineage = {v.ref for _, _, v in registry.lineage("model", refs["ppo"])}
     assert {refs["sft"], refs["rm"], refs["preferences"]} <= ppo_lineage
-    evaluation = registry.resolve("dataset", refs["eval"])
-    metrics = pq.read_table(evaluation.file("metrics.parquet")).to_pylist()
+    eval_version = registry.resolve("dataset", refs["eval"])
+    metrics = pq.read_table(eval_version.file("metrics.parquet")).to_pylist()
     assert {row["model"] for row in metrics} >= {"base", "sft", "ppo"}
-    samples = pq.read_table(evaluation.file("samples.parquet"))
+    ppo_row = next(row for row in metrics if row["model"] == "ppo")
+    # Both judges compared PPO with SFT on every held-out prompt (a tiny model's verdicts are mostly ties).
+    assert ppo_row["rm_wins"] + ppo_row["rm_losses"] + ppo_row["rm_ties"] == 4
+    assert ppo_row["llm_wins"] + ppo_row["llm_losses"] + ppo_row["llm_ties"] == 4
+    samples = pq.read_table(eval_version.file("samples.parquet"))
     assert samples.num_rows == 4
     # A second run with the same parameters reuses every finished stage.
-    again = align(tiny_config(tiny_model_dir, instruction_file))
+    again = align(tiny_config(tiny_model_dir, instruction_file, evaluation=evaluation))
     assert {k: again[k] for k in ("sft", "preferences", "rm", "ppo")} == {k: refs[k] for k in ("sft", "preferences", "rm", "ppo")}
 
 

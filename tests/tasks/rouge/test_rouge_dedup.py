@@ -58,6 +58,8 @@ def test_dedup_jsonl_keeps_novel_rows_with_scores(tmp_path, capsys) -> None:
         assert count in printed
     assert "--tokenizer unicode" in printed  # the hint for the Korean row
     assert sorted(p.name for p in output.parent.iterdir()) == ["kept.parquet"]  # no temp file left
+    counts = json.loads(pq.read_schema(output).metadata[b"alignflow.dedup"])
+    assert (counts["kept"], counts["rejected"], counts["empty"], counts["missing"]) == (3, 2, 1, 2)
 
 
 def test_json_list_and_parquet_inputs_give_the_same_rows(tmp_path) -> None:
