@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(DEMO_ENV) $(BIN)/alignflow pretrain
+	$(DEMO_ENV) $(BIN)/alignflow pipeline
 
 test: setup
 	$(TEST_ENV) $(BIN)/pytest -q

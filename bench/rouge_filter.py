@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"baseline: Alpaca's filter loop (rouge-score tokenizer, _score_lcs over a Pool(2) per candidate);"
           f" engine: RougeLFilter, best of {args.repeat} runs (median in brackets); 175 seeds + N candidates")
     print(f"{'N':>6} {'baseline':>16} {'cand/s':>8} {'engine cand/s':>22} {'ratio':>7} {'kept':>6} decisions")
-    for n_index, n in enumerate(args.sizes):
+    for n in args.sizes:
         prefix = stream[:n]
         # The engine's run takes a fraction of a second, so a busy machine swings it a lot: it
         # runs --repeat times and the best and the median are shown; the ratio uses the best.
