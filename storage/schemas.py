@@ -42,6 +42,8 @@ PREFERENCES = pa.schema([
     ("judge", pa.string()),
     ("chosen_score", pa.float64()),
     ("rejected_score", pa.float64()),
+    ("chosen_len", pa.int64()),  # characters
+    ("rejected_len", pa.int64()),
 ])
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Literal, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.schemas import PREFERENCES
 from tasks.align.config import PreferenceOptions
 from tasks.align.data import normalize_sft_table
 from tasks.generation.params import DecodingParams, Generator
@@ -42,18 +43,7 @@ from tasks.generation.params import DecodingParams, Generator
 Log = Callable[[str], None]
 Ask = Callable[[str, str, str], Literal["A", "B", "skip"]]
 
-PREFERENCE_SCHEMA = pa.schema(
-    [
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-        ("judge", pa.string()),
-        ("chosen_score", pa.float64()),
-        ("rejected_score", pa.float64()),
-        ("chosen_len", pa.int64()),
-        ("rejected_len", pa.int64()),
-    ]
-)
+PREFERENCE_SCHEMA = PREFERENCES
 
 JUDGE_TEMPLATE = (
     "Which response follows the instruction better?\n\n"

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage import atomic
 from tasks.rouge.engine import RougeLFilter
 from tasks.rouge.tokenize import TOKENIZERS
 
@@ -259,14 +260,6 @@ def check_options(threshold: float, tokenizer: str) -> None:
         raise DedupError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
 
 
-def write_parquet_atomic(table: pa.Table, output: Path) -> None:
-    """Write to a temporary file beside `output`, then rename it over `output`."""
-    from storage.atomic import atomic_path
-
-    with atomic_path(output) as tmp:
-        pq.write_table(table, tmp)
-
-
 def dedup_file(
     input_path: str | Path,
     column: str,
@@ -322,7 +315,7 @@ def dedup_file(
     metadata[DEDUP_METADATA_KEY] = json.dumps(summary).encode("utf-8")
     kept = kept.replace_schema_metadata(metadata)
     try:
-        write_parquet_atomic(kept, output)
+        atomic.write_parquet(output, kept)
     except OSError as error:
         raise DedupError(f"cannot write {output}: {error}") from error
     result.output = output
