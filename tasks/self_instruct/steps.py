@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NONE
 
 from storage import atomic
 from storage.registry import Registry, fingerprint
@@ -23,6 +24,8 @@ from tasks.self_instruct import pipeline
 from tasks.self_instruct.pipeline import SelfInstructConfig
 from tasks.self_instruct.seeds import SeedTask, demo_seed_path, load_seed_tasks, seed_file_sha256
 
+# The batch tasks are called again and again with the same arguments (the state lives in the work
+# folder), so they must never be served from a cache: `cache_policy=NONE`.
 _GENERATORS: dict[str, Generator] = {}
 
 
@@ -67,19 +70,19 @@ def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
             "seeds_path": str(path), "generator_parent": parent, "state": state}
 
 
-@task(name="bootstrap-batch", retries=2, retry_delay_seconds=5)
+@task(name="bootstrap-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def bootstrap_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
     state = pipeline.bootstrap_batch(config, load_seeds(config), generator_for(config.generator), Path(work))
     run_logger().info(f"batch {state['batches']['bootstrap']}: {state['requests']} requests, {state['kept']} instructions kept")
     return state
 
 
-@task(name="classify-batch", retries=2, retry_delay_seconds=5)
+@task(name="classify-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def classify_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
     return pipeline.classify_batch(config, generator_for(config.generator), Path(work))
 
 
-@task(name="instances-batch", retries=2, retry_delay_seconds=5)
+@task(name="instances-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def instances_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
     return pipeline.instances_batch(config, generator_for(config.generator), Path(work))
 

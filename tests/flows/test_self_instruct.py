@@ -148,3 +148,16 @@ def test_bad_seed_file_fails_with_file_line_and_field(registry_root, demo_base_m
     with pytest.raises(SeedFormatError, match=r"seeds\.jsonl: line 2: field 'instances'"):
         self_instruct(small_config(demo_base_model, seeds=str(seeds)))
     assert Registry().names("dataset") == []
+
+
+def test_korean_run_keeps_hangul_instructions(registry_root, demo_base_model):
+    """The paper's non-ASCII first-character rule would drop every Korean instruction; language=ko does not."""
+    ref = self_instruct(small_config(demo_base_model, language="ko", num_instructions=8, max_requests=16, requests_per_batch=8))
+    version, tables = read_version(ref)
+    funnel = version.manifest.extra["funnel"]
+    assert funnel["candidates"] == sum(funnel["rejected"].values()) + funnel["kept"]
+    seeds = [r["instruction"] for r in tables["instructions"].to_pylist() if r["origin"] == "seed"]
+    assert all("\uac00" <= s[0] <= "\ud7a3" or not s[0].isascii() for s in seeds)
+    hangul_first = [r for r in tables["rejected"].to_pylist() if r["candidate"] and "\uac00" <= r["candidate"][0] <= "\ud7a3"]
+    assert all(r["reason"] != "bad_first_char" for r in hangul_first)
+    assert version.manifest.config["language"] == "ko"
