@@ -48,6 +48,22 @@ def test_pretrain_run_starts_self_instruct_then_align_through_events(chain, serv
     assert ("dataset", corpus.ref) in ancestry  # ppo -> sft -> self-instruct -> base -> corpus
 
 
+def test_library_logs_reach_the_run_logs(chain, served_stack, helpers):
+    """serve.py sets PREFECT_LOGGING_EXTRA_LOGGERS, so transformers' records land in the align run's logs."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs: list = []
+    with helpers.client_for(served_stack.api_url) as client:
+        while True:  # all of the run's logs, a page at a time
+            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[chain["align"].id])), limit=200, offset=len(logs))
+            logs += page
+            if len(page) < 200:
+                break
+    names = {log.name for log in logs}
+    assert any(name.startswith("transformers") for name in names), names
+    assert any("sft" in log.message for log in logs if log.name == "prefect.task_runs")
+
+
 def test_schedule_triggers_and_limits_are_registered(served_stack, helpers):
     client_for, wait_for, deployment_runs = helpers.client_for, helpers.wait_for, helpers.deployment_runs
     from prefect.client.schemas.objects import StateType

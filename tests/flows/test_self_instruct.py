@@ -157,7 +157,7 @@ def test_korean_run_keeps_hangul_instructions(registry_root, demo_base_model):
     funnel = version.manifest.extra["funnel"]
     assert funnel["candidates"] == sum(funnel["rejected"].values()) + funnel["kept"]
     seeds = [r["instruction"] for r in tables["instructions"].to_pylist() if r["origin"] == "seed"]
-    assert all("\uac00" <= s[0] <= "\ud7a3" or not s[0].isascii() for s in seeds)
+    assert seeds and all(any("\uac00" <= ch <= "\ud7a3" for ch in s) for s in seeds)
     hangul_first = [r for r in tables["rejected"].to_pylist() if r["candidate"] and "\uac00" <= r["candidate"][0] <= "\ud7a3"]
     assert all(r["reason"] != "bad_first_char" for r in hangul_first)
     assert version.manifest.config["language"] == "ko"
