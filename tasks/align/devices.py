@@ -38,9 +38,6 @@ def training_device_kwargs() -> dict[str, Any]:
         # Worker processes buy nothing for tiny in-memory datasets and break on 2-core machines.
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
-    }
-    common: dict[str, Any] = {
-        **common,
         # TRL turns activation (gradient) checkpointing on by default: it trades ~20% compute for memory,
         # a bad trade for the models this project trains, and on a CPU a pure loss. transformers 5
         # renamed the field; `gradient_checkpointing` is its deprecated alias.

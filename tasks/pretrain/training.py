@@ -30,7 +30,7 @@ class TrainingOptions(BaseModel):
     init_from: str | None = Field(None, description="Continue from this local HF checkpoint folder or registry model ref instead of a fresh preset (its tokenizer is reused).")
     vocab_size: int = Field(2048, ge=300, le=200_000, description="BPE vocabulary size, special tokens included.")
     seq_len: int = Field(256, ge=8, le=8192, description="Tokens per training window (also the model's context length).")
-    batch_size: int = Field(16, ge=1, description="Windows per optimizer step on the CPU; doubled on a GPU.")
+    batch_size: int = Field(8, ge=1, description="Windows per optimizer step on the CPU; doubled on a GPU.")
     max_steps: int = Field(300, ge=1, description="Optimizer steps in total.")
     learning_rate: float = Field(3e-3, gt=0, lt=1, description="Peak AdamW learning rate (after warmup; cosine decay to 10%).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")

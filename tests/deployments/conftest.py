@@ -96,7 +96,7 @@ def served_stack(tmp_path_factory) -> ServedStack:
     defaults = state / "tiny-defaults.json"
     defaults.write_text(json.dumps(TINY))
     info = stack.up(state, port=None, serve=True, serve_args=["--defaults", str(defaults), "--limit", "2"],
-                    extra_env={"ALIGNFLOW_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"})
+                    extra_env={"ALIGNFLOW_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}, die_with_parent=True)
     served = ServedStack(info["api_url"], info["ui_url"], state, home)
     try:
         with client_for(served.api_url) as client:

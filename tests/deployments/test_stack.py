@@ -115,7 +115,7 @@ def test_stack_up_deploys_prefect_yaml_runs_on_a_worker_and_stops_by_pid(tmp_pat
     client_for, wait_for, tiny_config = helpers.client_for, helpers.wait_for, helpers.tiny_config
     state = tmp_path / "stack"
     home = tmp_path / "alignflow-home"
-    info = stack.up(state, port=None, extra_env={"ALIGNFLOW_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    info = stack.up(state, port=None, extra_env={"ALIGNFLOW_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": "2"}, die_with_parent=True)
     pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
     try:
         assert set(pids) == {"server", "worker-cpu", "worker-gpu"}
@@ -170,3 +170,27 @@ def test_stack_refuses_a_second_up_on_a_running_state(tmp_path):
         sleeper.wait(timeout=10)
     assert stopped == [f"server (pid {sleeper.pid})"]
     assert not stack.pid_alive(sleeper.pid)
+
+
+def test_stack_processes_of_a_killed_test_run_do_not_outlive_it(tmp_path, helpers):
+    """With die_with_parent, a stack process gets SIGTERM when the process that started it is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+
+    state = tmp_path / "stack"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from pathlib import Path; from deployments import stack; "
+        f"stack.start_process('child', [sys.executable, '-c', 'import time; time.sleep(120)'], Path({str(state)!r}), dict(os.environ), True); "
+        "time.sleep(120)")], cwd=stack.ROOT)
+    try:
+        pid_file = state / "pids" / "child.pid"
+        helpers.wait_for(pid_file.exists, 60, "the child's PID file", interval=0.2)
+        child = int(pid_file.read_text())
+        assert stack.pid_alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        helpers.wait_for(lambda: not stack.pid_alive(child), 20, "the child to stop after its parent was killed", interval=0.2)
+    finally:
+        parent.kill()
+        stack.down(state, timeout=5)
