@@ -246,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library loggers whose records Prefect forwards to the run log (read when prefect is imported).
+EXTRA_LOGGERS = "transformers,trl,accelerate,peft,tasks"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", EXTRA_LOGGERS)
     from storage.registry import RegistryError
 
     parser = build_parser()

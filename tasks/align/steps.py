@@ -40,7 +40,7 @@ class EvalOptions(BaseModel):
 class AlignConfig(BaseModel):
     """Base model + instruction dataset in, SFT, reward and PPO models and an evaluation table out."""
 
-    model: str = Field("base", description="The base model: a registry model ref (name or name@version) or a local HF folder.")
+    model: str | None = Field(None, description="The base model: a registry model ref (name or name@version) or a local HF folder. Empty: the model that generated the dataset (its lineage), else the latest 'base'.")
     dataset: str = Field("self-instruct", description="The instruction data: a registry dataset ref (its sft table is used) or a Parquet file with prompt/completion or messages.")
     split: SplitOptions = Field(default_factory=SplitOptions, description="The deterministic train/held-out split.")
     sft: SFTOptions = Field(default_factory=SFTOptions, description="Supervised fine-tuning (TRL SFTTrainer).")
@@ -61,6 +61,18 @@ def model_folder(ref_or_path: str) -> tuple[Path, str | None]:
     """(HF folder, qualified registry ref or None for a plain folder)."""
     folder, name = resolve_local_model(ref_or_path, Registry())
     return folder, (f"model:{name}" if "@" in name else None)
+
+
+def base_model_of(config: AlignConfig) -> str:
+    """The configured base model, else the `model:` parent of the dataset (the generator), else 'base'."""
+    if config.model:
+        return config.model
+    if not Path(config.dataset).expanduser().exists():
+        for parent in Registry().resolve("dataset", config.dataset).manifest.parents:
+            kind, _, ref = parent.partition(":")
+            if kind == "model":
+                return ref
+    return "base"
 
 
 def dataset_sft_file(ref_or_path: str) -> tuple[Path, str | None]:
@@ -103,7 +115,7 @@ def prepare_data(config: AlignConfig) -> dict[str, Any]:
     """Resolve the inputs and write the deterministic train/held-out split into the work folder."""
     from tasks.align.data import load_sft_table, split_train_eval
 
-    base_dir, base_parent = model_folder(config.model)
+    base_dir, base_parent = model_folder(base_model_of(config))
     sft_file, data_parent = dataset_sft_file(config.dataset)
     table = load_sft_table(sft_file)
     train, held_out = split_train_eval(table, config.split.eval_fraction, config.split.seed)
