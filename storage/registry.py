@@ -177,11 +177,19 @@ class Registry:
         return None
 
     def lineage(self, kind: str, ref: str) -> list[tuple[int, str, Version]]:
-        """Depth-first ancestry of a version as (depth, kind, version), the version itself first."""
+        """Depth-first ancestry as (depth, kind, version), the version itself first.
+
+        Lineage is a graph (a model and its tokenizer share the corpus), so each ancestor is
+        listed once, where it is first reached.
+        """
         out: list[tuple[int, str, Version]] = []
+        seen: set[str] = set()
 
         def visit(k: str, r: str, depth: int) -> None:
             version = self.resolve(k, r)
+            if f"{k}:{version.ref}" in seen:
+                return
+            seen.add(f"{k}:{version.ref}")
             out.append((depth, k, version))
             for parent in version.manifest.parents:
                 pkind, _, pref = parent.partition(":")
