@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from storage import atomic
 from storage.registry import Registry, fingerprint
+from tasks.generation.config import resolve_local_model
 from tasks.pretrain.cleaning import CleaningConfig, clean_corpus, require_nonempty
 from tasks.pretrain.corpus import read_corpus
 from tasks.pretrain.training import TrainingOptions
@@ -103,7 +104,7 @@ def train_tokenizer_step(corpus_ref: str, options: TrainingOptions, model_name: 
     registry = Registry()
     name = f"{model_name}-tokenizer"
     if options.init_from:
-        source = resolve_model_folder(registry, options.init_from)
+        source = resolve_local_model(options.init_from, registry)[0]
         tokenizer = AutoTokenizer.from_pretrained(source)
         key = fingerprint("from", str(source))
     else:
@@ -123,14 +124,6 @@ def train_tokenizer_step(corpus_ref: str, options: TrainingOptions, model_name: 
     return draft.ref
 
 
-def resolve_model_folder(registry: Registry, ref_or_path: str) -> Path:
-    """A local HF folder as given, or the folder of a registered model ref."""
-    path = Path(ref_or_path).expanduser()
-    if path.is_dir() and ((path / "config.json").exists() or (path / "tokenizer.json").exists()):
-        return path
-    return registry.resolve("model", ref_or_path).path
-
-
 @task(name="pretrain-model")
 def pretrain_step(corpus_ref: str, tokenizer_ref: str, options: TrainingOptions) -> dict:
     """Train the base model; checkpoints live in a work folder keyed by the exact inputs."""
@@ -145,7 +138,7 @@ def pretrain_step(corpus_ref: str, tokenizer_ref: str, options: TrainingOptions)
     work = registry.work_dir("pretrain", fingerprint(corpus_ref, tokenizer_ref, options.model_dump(mode="json")))
     train_texts, heldout_texts = _split_corpus(registry, corpus_ref, options)
     if options.init_from:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_folder(registry, options.init_from))
+        model = AutoModelForCausalLM.from_pretrained(resolve_local_model(options.init_from, registry)[0])
     else:
         # RoPE has no position table, so the context can exceed the training window; the
         # self-instruct prompts (8 listed tasks, few-shot instance examples) need ~1k tokens.

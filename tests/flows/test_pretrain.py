@@ -167,3 +167,15 @@ def test_invalid_config_values_fail_before_anything_runs(registry_root, capsys, 
     code, err = run_cli(args, capsys)
     assert code == 2 and "invalid configuration" in err and field in err
     assert_nothing_registered()
+
+
+def test_continue_pretraining_from_a_local_checkpoint(registry_root, corpus_file, tiny_model_dir):
+    """`init_from` continues an existing HF folder: its weights, architecture and tokenizer are kept."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    options = TrainingOptions(**{**TINY, "init_from": str(tiny_model_dir), "max_steps": 6, "eval_every": 3, "checkpoint_every": 3})
+    ref = pretrain(PretrainConfig(corpus=[str(corpus_file)], training=options))
+    version = Registry().resolve("model", ref)
+    assert len(AutoTokenizer.from_pretrained(version.path)) == len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert AutoConfig.from_pretrained(version.path).hidden_size == AutoConfig.from_pretrained(tiny_model_dir).hidden_size
+    assert version.manifest.metrics["heldout_loss"] < version.manifest.metrics["heldout_loss_before"]
