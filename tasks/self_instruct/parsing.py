@@ -30,6 +30,10 @@ _ITEM = re.compile(
 )
 
 
+# A label some models put in front of an item ("9. Task: Write ..."): not part of the instruction.
+_ITEM_LABEL = re.compile(r"^(?:task|instruction|작업|지시문?)\s*[:：]\s*", re.IGNORECASE)
+
+
 def _headers() -> list[str]:
     return [bootstrap_header(language).casefold() for language in LANGUAGES]
 
@@ -88,7 +92,7 @@ def parse_instructions(completion: str, start_index: int = 9, finish_reason: str
     if truncated and items and not ended_early and last_line_index == len(lines) - 1:
         # The last item runs to the very end of the text without a newline: it was cut off.
         items.pop()
-    return [cleaned for cleaned in (one_line(item) for item in items) if cleaned]
+    return [cleaned for cleaned in (_ITEM_LABEL.sub("", one_line(item)) for item in items) if cleaned]
 
 
 _ANSWER_PREFIX = re.compile(

@@ -373,3 +373,8 @@ def test_parsers_never_raise_and_return_clean_values(text, finish_reason):
         for instance in parse_instances(text, is_classification, finish_reason=finish_reason):
             assert instance.output == instance.output.strip()
             assert instance.input == instance.input.strip()
+
+
+def test_item_labels_are_not_part_of_the_instruction():
+    completion = " Task: Write a haiku about rain.\n10. Instruction: Name three prime numbers.\n11. 작업: 문장을 요약하세요."
+    assert parse_instructions(completion) == ["Write a haiku about rain.", "Name three prime numbers.", "문장을 요약하세요."]
