@@ -30,8 +30,13 @@ _GENERATORS: dict[str, Generator] = {}
 
 
 def generator_for(config: GeneratorConfig) -> Generator:
+    """The generator of this config, built once per process. Only the latest one is kept, so a
+    long-lived worker or `serve` process does not pile up models run after run."""
     key = config.model_dump_json()
     if key not in _GENERATORS:
+        for old in _GENERATORS.values():
+            old.close()
+        _GENERATORS.clear()
         _GENERATORS[key] = load_generator(config, Registry())
     return _GENERATORS[key]
 
