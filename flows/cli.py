@@ -91,9 +91,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         parser.add_argument(f"--{option}", **kwargs)
 
 
-def config_from_args(model: type[BaseModel], args: argparse.Namespace, base: dict | None = None) -> BaseModel:
+def config_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
     """Build `model` from the options given on the command line (nested by their field paths)."""
-    data: dict[str, Any] = json.loads(json.dumps(base or {}))
+    data: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if "__" not in dest and dest not in model.model_fields:
             continue

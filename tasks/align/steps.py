@@ -23,6 +23,7 @@ from tasks.align.config import PreferenceOptions, RewardOptions, SFTOptions, Spl
 from tasks.align.ppo import PPOOptions
 from tasks.generation.config import GeneratorConfig, resolve_local_model
 from tasks.generation.params import DecodingParams
+from tasks.launch import LaunchOptions
 from tasks.publish import markdown_image, plot_curves, publish_markdown, publish_table, run_logger
 
 
@@ -44,6 +45,7 @@ class AlignConfig(BaseModel):
     dataset: str = Field("self-instruct", description="The instruction data: a registry dataset ref (its sft table is used) or a Parquet file with prompt/completion or messages.")
     split: SplitOptions = Field(default_factory=SplitOptions, description="The deterministic train/held-out split.")
     sft: SFTOptions = Field(default_factory=SFTOptions, description="Supervised fine-tuning (TRL SFTTrainer).")
+    sft_launch: LaunchOptions = Field(default_factory=LaunchOptions, description="Run SFT in this process, or through accelerate/torchrun with N processes (multi-GPU, DeepSpeed/FSDP configs).")
     preferences: PreferenceOptions = Field(default_factory=PreferenceOptions, description="Preference pairs: sampling and the judge.")
     judge_generator: GeneratorConfig | None = Field(None, description="The LLM judge's generator when preferences.judge is 'llm' (default: the SFT model).")
     reward: RewardOptions = Field(default_factory=RewardOptions, description="Reward model (TRL RewardTrainer).")
@@ -135,7 +137,14 @@ def sft_step(config: AlignConfig, data: dict[str, Any]) -> dict[str, Any]:
     ref = reuse("model", "sft", key)
     if not ref:
         work = Registry().work_dir("align-sft", key)
-        metrics = train_sft(Path(data["base_dir"]), Path(data["train"]), Path(data["heldout"]), work / "model", config.sft, work / "checkpoints", log=run_logger().info)
+        inputs = (Path(data["base_dir"]), Path(data["train"]), Path(data["heldout"]), work / "model", config.sft, work / "checkpoints")
+        if config.sft_launch.launcher == "none" and config.sft_launch.num_processes == 1:
+            metrics = train_sft(*inputs, log=run_logger().info)
+        else:
+            from tasks.align.sft_main import train_sft_launched
+
+            # The launcher's output streams into this task's log; a failed rank fails the task.
+            metrics = train_sft_launched(*inputs, launch=config.sft_launch, log=run_logger().info)
         png = curve_png(metrics.get("train_loss", []), "SFT training loss", "loss")
         ref = register_folder("model", "sft", work / "model", config.sft, data["parents"], metrics, key, {"loss_curve.png": png})
         publish_markdown("align-sft", f"# {ref}\n\nHeld-out completion loss {metrics['eval_loss_before']:.3f} → **{metrics['eval_loss_after']:.3f}**\n\n"

@@ -99,3 +99,16 @@ def test_human_judge_answers_through_the_prefect_api(registry_root, tiny_model_d
     table = pq.read_table(preferences.file("preferences.parquet")).to_pylist()
     assert len(table) == answered
     assert all(row["judge"] == "human" for row in table)
+
+
+def test_sft_stage_through_accelerate_with_two_cpu_processes(registry_root, tiny_model_dir, instruction_file):
+    """The launcher's output reaches the task log, and the launched SFT is registered like any other."""
+    from tasks.launch import LaunchOptions
+
+    config = tiny_config(tiny_model_dir, instruction_file, stop_after="preferences",
+                         sft_launch=LaunchOptions(launcher="accelerate", num_processes=2, cpu=True))
+    refs = align(config)
+    sft = Registry().resolve("model", refs["sft"]).manifest
+    assert sft.metrics["world_size"] == 2
+    assert sft.metrics["eval_loss_after"] < sft.metrics["eval_loss_before"]
+    assert Registry().exists("dataset", refs["preferences"])
