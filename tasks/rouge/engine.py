@@ -16,11 +16,13 @@ How it is fast, with every step exact:
 1. Texts become lists of integer token ids, and each list becomes a string of one code point per
    token, so rapidfuzz's bit-parallel LCS (``LCSseq``) runs on them in C.
 2. Small pools (up to ``_SCAN_POOL`` items): a block of candidates is scored against the whole
-   pool in one ``cdist`` call and against itself in another; ``2l / (m + n)``, which equals the
-   F-measure up to rounding, finds each row's maximal columns, and those (ties included) are
-   scored with rouge-score's float operations. Then each candidate of the block is decided in
-   order. This beats any index while the pool is small: the kept candidates need every pair
-   anyway for their exact maximum.
+   pool and against itself in one ``cdist`` call (LCS lengths in one byte each when the block's
+   texts are shorter than 256 tokens); ``l / (m + n)`` in float32, which is half the F-measure up
+   to rounding, finds each row's near-maximal columns (within 1e-6 of the row's maximum, far
+   wider than float32 rounding, so the true maximum and its ties are always among them), and
+   those are scored with rouge-score's float operations, all rows at once. Then each candidate
+   of the block is decided in order. This beats any index while the pool is small: the kept
+   candidates need every pair anyway for their exact maximum.
 3. Larger pools: rejection uses prefix filtering (AllPairs / PPJoin). A pair can score above
    ``t`` only if ``2 * min(m, n) / (m + n) > t`` and ``2 * overlap / (m + n) > t`` (``overlap`` =
    multiset intersection size, an upper bound of the LCS length). With a global token order
@@ -79,6 +81,9 @@ _BLOCK = 256
 _SCAN_POOL = 4000
 # Scores within this factor of a row's approximate maximum are recomputed exactly.
 _NEAR = 1 - 1e-9
+# The same for the float32 values of the small-pool scan (float32 rounding is ~6e-8).
+_NEAR_32 = 1 - 1e-6
+_MARGIN_32 = 1e-6
 # Up to this many probe candidates, verify them one call each; above, in one cdist call.
 _SMALL_PROBE = 16
 # Probe candidates are verified in chunks of about this many (between chunks, the search can stop).
@@ -167,6 +172,7 @@ class RougeLFilter:
         self._codes: list[str | list[int]] = []  # rapidfuzz input per pool item
         self._lens: list[int] = []
         self._len_array = np.zeros(1024, dtype=np.float64)
+        self._scratch = np.empty(0, dtype=np.float32)  # the small-pool scan's l / (m + n) matrix
         # token -> item length n -> r (tokens from it to the item's end) -> pool indices
         self._postings: dict[int, dict[int, dict[int, list[int]]]] = {}
         self._built_at = 0  # pool size at the last rebuild
@@ -195,71 +201,91 @@ class RougeLFilter:
         return results
 
     def _offer_scan(self, texts: list[str]) -> list[Decision]:
-        """Small pool: every candidate of the block against the whole pool, in two cdist calls."""
-        all_ids = [self._token_ids(text) for text in texts]
-        rows = [position for position, ids in enumerate(all_ids) if ids]
-        row_of = {position: row for row, position in enumerate(rows)}
-        codes = [self._code(all_ids[position]) for position in rows]
-        query_lens = np.array([len(all_ids[position]) for position in rows], dtype=np.float64)[:, None]
+        """Small pool: every candidate of the block against the pool and the block, in one cdist call."""
+        all_ids = list(map(self._token_ids, texts))
+        nonempty = list(filter(None, all_ids))
+        codes = list(map(self._code, nonempty))
+        count = len(codes)
         pool_size = len(self._texts)
-        if codes and pool_size:
-            lcs = process.cdist(codes, self._codes[:pool_size], scorer=LCSseq.similarity,
-                                dtype=np.int32, workers=self.workers)
-            # 2l / (m + n) is the F-measure up to rounding: it finds the columns worth scoring.
-            approx = lcs / (query_lens + self._len_array[:pool_size])
-            first_max = approx.argmax(axis=1)
-            row_max = approx[np.arange(len(codes)), first_max]
-            # Rows with a single near-maximal column need no search for ties.
-            near_counts = (approx >= (row_max * _NEAR)[:, None]).sum(axis=1).tolist()
-            # rouge-score's F-measure of each row's first maximal column, elementwise.
-            first_score = _fmeasures(lcs[np.arange(len(codes)), first_max], query_lens[:, 0],
-                                     self._len_array[first_max]).tolist()
-            first_max, row_max = first_max.tolist(), row_max.tolist()
-        else:
-            lcs = approx = None
-            first_max = near_counts = row_max = first_score = [0] * len(codes)
-        if codes:
-            lcs_block = process.cdist(codes, codes, scorer=LCSseq.similarity, dtype=np.int32,
-                                      workers=self.workers)
+        if count:
+            query_lens = np.fromiter(map(len, nonempty), dtype=np.float64, count=count)
+            # One call: the block against the pool, then against itself (the last `count` columns).
+            # LCS lengths are at most the query's length: one byte each when that fits.
+            lcs = process.cdist(codes, self._codes[:pool_size] + codes, scorer=LCSseq.similarity,
+                                dtype=np.uint8 if query_lens.max() < 256 else np.int32,
+                                workers=self.workers)
+            # l / (m + n) is half the F-measure up to rounding: it finds the columns worth scoring
+            # exactly. float32 is enough to find them: every column within _NEAR_32 of a row's
+            # maximum is scored exactly, and float32 rounding (6e-8) is far inside that.
+            columns = pool_size + count
+            if self._scratch.size < count * columns:  # reused: no fresh pages for every block
+                self._scratch = np.empty(2 * count * columns, dtype=np.float32)
+            approx = self._scratch[: count * columns].reshape(count, columns)
+            np.add(query_lens.astype(np.float32)[:, None],
+                   np.concatenate([self._len_array[:pool_size], query_lens]).astype(np.float32), out=approx)
+            np.divide(lcs, approx, out=approx)
+            # Each row's best pool item: every column within _NEAR_32 of the row's maximum of
+            # l / (m + n) is scored exactly (rouge-score's float operations), all rows at once.
+            best_score = np.zeros(count)
+            best_column = np.full(count, -1)
+            if pool_size:
+                pool_part = approx[:, :pool_size]
+                row_max = pool_part.max(axis=1)
+                cut = row_max * _NEAR_32
+                cut[row_max <= 0.0] = np.inf  # nothing in common with the pool: no column
+                # (1-D flatnonzero is many times faster than 2-D nonzero.)
+                near_rows, near_columns = np.divmod(np.flatnonzero(pool_part >= cut[:, None]), pool_size)
+                if near_rows.size:
+                    scores = _fmeasures(lcs[near_rows, near_columns].astype(np.float64),
+                                        query_lens[near_rows], self._len_array[near_columns])
+                    # By row, then highest score, then lowest column: ties keep the first pool item.
+                    order = np.lexsort((near_columns, -scores, near_rows))
+                    sorted_rows = near_rows[order]
+                    leading = np.ones(order.size, dtype=bool)
+                    leading[1:] = sorted_rows[1:] != sorted_rows[:-1]
+                    picked = order[leading]
+                    best_score[near_rows[picked]] = scores[picked]
+                    best_column[near_rows[picked]] = near_columns[picked]
+            best_score, best_column = best_score.tolist(), best_column.tolist()
+            block = approx[:, pool_size:]
             # Bound on what any earlier row of the block scores, kept or not: most rows skip
             # the block part.
-            earlier_max = np.tril(lcs_block / (query_lens + query_lens.T), -1).max(axis=1).tolist()
-        lens = self._lens
+            earlier_max = np.tril(block, -1).max(axis=1).tolist()
+        pool_lens = self._lens
         threshold = self.threshold
-        kept_rows: list[int] = []  # block rows kept so far, and their pool indices
-        kept_indices: list[int] = []
         results: list[Decision] = []
-        for position, text in enumerate(texts):
-            ids = all_ids[position]
+        row = -1
+        kept_any = False
+        pool_index_of_row: list[int] = []
+        for text, ids in zip(texts, all_ids):
             if not ids:
                 self._append(text, ids, is_reference=False)
                 results.append(Decision(text, True, 0.0, None, None, True))
                 continue
-            row = row_of[position]
+            row += 1
             m = len(ids)
-            best, best_index = 0.0, None
-            if row_max[row] > 0.0:
-                if near_counts[row] == 1:
-                    best, best_index = first_score[row], first_max[row]
-                else:  # near-ties in 2l/(m+n): score them exactly
-                    for col in np.flatnonzero(approx[row] >= row_max[row] * _NEAR).tolist():
-                        score = rouge_l_fmeasure(int(lcs[row, col]), m, lens[col])
-                        if score > best:  # columns ascend: ties keep the first pool item
-                            best, best_index = score, col
-            if kept_rows and earlier_max[row] > 0.0 and 2.0 * earlier_max[row] >= best - _MARGIN:
-                block_row = lcs_block[row].tolist()
-                for other, index in zip(kept_rows, kept_indices):
-                    common = block_row[other]
-                    if common:
-                        score = rouge_l_fmeasure(common, m, lens[index])
+            if best_column[row] >= 0:
+                best, best_index = best_score[row], best_column[row]
+            else:
+                best, best_index = 0.0, None
+            # 2l / (m + n) bounds the F-measure (up to rounding): most rows skip the block part.
+            if kept_any and earlier_max[row] > 0.0 and 2.0 * earlier_max[row] >= best - _MARGIN_32:
+                line = block[row, :row]  # rejected rows' columns are masked: kept rows only
+                block_max = line.max()
+                if block_max > 0.0 and 2.0 * block_max >= best - _MARGIN_32:
+                    for other in np.flatnonzero(line >= block_max * _NEAR_32).tolist():
+                        index = pool_index_of_row[other]
+                        score = rouge_l_fmeasure(int(lcs[row, pool_size + other]), m, pool_lens[index])
                         if score > best:  # later pool items win only when strictly higher
                             best, best_index = score, index
             if best > threshold:
                 results.append(Decision(text, False, best, self._texts[best_index], best_index, False))
+                block[row + 1 :, row] = -1.0  # later rows do not see a rejected one
+                pool_index_of_row.append(-1)
                 continue
             index = self._append(text, ids, is_reference=False, code=codes[row])
-            kept_rows.append(row)
-            kept_indices.append(index)
+            pool_index_of_row.append(index)
+            kept_any = True
             if best > 0.0:
                 results.append(Decision(text, True, best, self._texts[best_index], best_index, False))
             else:
@@ -345,7 +371,7 @@ class RougeLFilter:
         tokens = self._tokenize(text)
         vocab = self._vocab
         try:
-            return [vocab[token] for token in tokens]
+            return list(map(vocab.__getitem__, tokens))  # map over a C method: no Python frame per token
         except KeyError:  # new words: give them ids
             ids = []
             for token in tokens:
@@ -364,7 +390,7 @@ class RougeLFilter:
     def _code(self, ids: list[int]) -> str | list[int]:
         chars = self._chars
         try:
-            return "".join([chars[i] for i in ids])  # type: ignore[misc]
+            return "".join(map(chars.__getitem__, ids))  # type: ignore[arg-type]
         except TypeError:  # a vocabulary past ~1.1M tokens: rapidfuzz also takes int sequences
             return [_codepoint(i) for i in ids]
 

@@ -240,3 +240,24 @@ def test_realistic_instructions_decide_as_rouge_score(strategy) -> None:
             assert decision.max_rouge_l == pytest.approx(best, rel=0, abs=1e-9)
             assert decision.most_similar_index == (scores.index(best) if best > 0 else None)
         kept_before += decision.kept
+
+
+def test_long_texts_decide_as_rouge_score(strategy) -> None:
+    # Over 255 tokens: the scan's LCS lengths no longer fit in a byte (a wider matrix is used).
+    import random
+
+    rng = random.Random(5)
+    words = ["a", "b", "c", "d", "e", "f", "the", "of"]
+    base = [rng.choice(words) for _ in range(260)]
+
+    def variant(tokens: list[str], edits: int) -> str:
+        tokens = list(tokens)
+        for _ in range(edits):
+            tokens[rng.randrange(len(tokens))] = rng.choice(words + ["x", "y"])
+        return " ".join(tokens)
+
+    references = [variant(base, 120), " ".join(base)]
+    # LCS lengths above 255 (the near copies against `base`) must be counted in full.
+    candidates = [variant(base, 100), " ".join(rng.choice(words) for _ in range(20)), variant(base, 3),
+                  " ".join(base[:258])]
+    _check_against_reference(references, candidates, 0.7, batch=3)
