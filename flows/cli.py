@@ -163,7 +163,7 @@ def _print_version(registry, kind: str, ref: str) -> None:
     version = registry.resolve(kind, ref)
     m = version.manifest
     print(f"{kind} {version.ref}   created {m.created_at}   code {m.code_version}   flow run {m.flow_run_id or '-'}")
-    print(f"  path: {version.path}")
+    print(f"  path: {version.location}")
     print("  files:")
     for path, info in m.files.items():
         rows = f", {info['rows']} rows" if "rows" in info else ""

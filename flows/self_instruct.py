@@ -5,26 +5,24 @@
     python flows/self_instruct.py --language ko
 
 Every batch of requests is checkpointed: a killed run started again with the same parameters goes
-on where it stopped and ends with the same dataset. The result is announced with the event
+on where it stopped and ends with the same dataset. A batch's shards of requests generate in
+parallel on the configured task runner (`--runner dask --workers 4`); any runner gives the
+same dataset. The result is announced with the event
 `alignflow.dataset.ready`, which starts the align flow when deployed.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.publish import announce, run_logger
 from tasks.self_instruct.pipeline import SelfInstructConfig
-from tasks.self_instruct.steps import (
-    bootstrap_batch_step,
-    classify_batch_step,
-    instances_batch_step,
-    prepare_run,
-    register_dataset_step,
-)
+from tasks.runners import task_runner
+from tasks.self_instruct.steps import commit_batch_step, plan_batch_step, prepare_run, register_dataset_step, shard_step
 
 DATASET_READY = "alignflow.dataset.ready"
 
@@ -38,13 +36,18 @@ def self_instruct(config: SelfInstructConfig = SelfInstructConfig()) -> str:
     work, state = prepared["work"], prepared["state"]
     progress = create_progress_artifact(progress=0.0, key="self-instruct-progress", description="Kept machine instructions / target.")
 
-    while state["stage"] == "bootstrap":
-        state = bootstrap_batch_step(config, work)
-        update_progress_artifact(progress, min(100.0, 100.0 * state["kept"] / config.num_instructions))
-    while state["stage"] == "classify":
-        state = classify_batch_step(config, work)
-    while state["stage"] == "instances":
-        state = instances_batch_step(config, work)
+    with task_runner(config.task_runner) if state["stage"] != "done" else nullcontext() as runner:
+        while state["stage"] != "done":
+            plan = plan_batch_step(config, work)
+            shards = [
+                runner.submit(shard_step, parameters={
+                    "config": config, "stage": plan["stage"], "index": plan["index"], "shard": number,
+                    "requests": requests, "decoding": plan["decoding"], "pool": plan["pool"]})
+                for number, requests in enumerate(plan["shards"], start=1)
+            ]
+            state = commit_batch_step(config, work, plan, [shard.result() for shard in shards])
+            if plan["stage"] == "bootstrap":
+                update_progress_artifact(progress, min(100.0, 100.0 * state["kept"] / config.num_instructions))
 
     ref = register_dataset_step(config, prepared)
     announce(DATASET_READY, "dataset", ref)

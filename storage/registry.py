@@ -1,4 +1,4 @@
-"""The registry: immutable, versioned datasets and models under one root folder.
+"""The registry: immutable, versioned datasets and models under one root folder or URL.
 
 Layout under the root (`ALIGNFLOW_HOME`, default `~/.alignflow`):
 
@@ -12,11 +12,20 @@ exclusive `mkdir` (so two concurrent writers never take the same number), moves 
 then writes the manifest atomically. A crash or SIGKILL at any point leaves, at worst, a staging
 folder or a version folder without a manifest: both are invisible and never reused.
 
+The root may also be an fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://name`; `file://`
+means a local path), with options from `ALIGNFLOW_STORAGE_OPTIONS` (see `storage/remote.py`). The
+same layout and rules hold there; callers see no difference: `Version.path` and `Draft.path` are
+still local folders. A remote version is downloaded into a local cache (`$ALIGNFLOW_CACHE`,
+default `~/.cache/alignflow`) the first time its `.path` is used, and checked against the manifest's
+sha256; listing, `find` and `lineage` read manifests only. `work_dir` and `local_dir` are local
+folders under that cache for a remote root: run checkpoints belong to the machine.
+
     registry = Registry()
     with registry.new_version("dataset", "corpus-clean", config=cfg, parents=[]) as draft:
         storage.atomic.write_parquet(draft.path / "corpus.parquet", table)
         draft.metrics["documents"] = table.num_rows
     print(draft.ref)   # corpus-clean@3
+    Registry().resolve("dataset", "corpus-clean").path   # a local folder, for a remote root too
 """
 
 from __future__ import annotations
@@ -30,14 +39,18 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from storage import atomic
 from storage.manifest import Manifest, code_version, current_flow_run_id, serialize_config
+
+if TYPE_CHECKING:
+    from storage.remote import RemoteStore
 
 ModelKind = Literal["dataset", "model"]
 KINDS: tuple[str, ...] = ("dataset", "model")
@@ -49,10 +62,26 @@ class RegistryError(ValueError):
     """A ref that does not resolve, a bad name, or a broken version."""
 
 
-def default_root() -> Path:
-    """The registry root: `$ALIGNFLOW_HOME`, else `~/.alignflow`."""
+def is_remote(root: str | os.PathLike) -> bool:
+    """A root URL other than file:// names a remote file system (handled through fsspec)."""
+    text = str(root)
+    return "://" in text and not text.startswith("file://")
+
+
+def normalize_root(root: str | os.PathLike) -> Path | str:
+    """A local root as a Path (`file://` stripped, `~` expanded); a remote root as its URL string."""
+    text = str(root)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if is_remote(text):
+        return text.rstrip("/")
+    return Path(text).expanduser()
+
+
+def default_root() -> Path | str:
+    """The registry root: `$ALIGNFLOW_HOME` (a folder or a URL), else `~/.alignflow`."""
     env = os.environ.get("ALIGNFLOW_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".alignflow"
+    return normalize_root(env) if env else Path.home() / ".alignflow"
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -69,10 +98,19 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 @dataclass(frozen=True)
 class Version:
-    """A registered dataset or model version, read from its manifest."""
+    """A registered dataset or model version, read from its manifest.
 
-    path: Path
+    `location` is where the version lives: its folder, or its URL for a remote root. `path` is
+    always a local folder; for a remote root, `fetch` downloads the files there on first use.
+    """
+
+    location: Path | str
     manifest: Manifest
+    fetch: Callable[[], Path] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def path(self) -> Path:
+        return self.fetch() if self.fetch else Path(self.location)
 
     @property
     def ref(self) -> str:
@@ -115,23 +153,58 @@ def describe_file(path: Path) -> dict[str, Any]:
     return info
 
 
+def describe_tree(folder: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's `files`: every file under `folder` but a manifest, by relative path."""
+    return {
+        str(p.relative_to(folder)): describe_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
 class Registry:
-    """Datasets and models under one root. Cheap to construct; holds no open handles."""
+    """Datasets and models under one root. Cheap to construct; holds no open handles.
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser() if root else default_root()
+    `root` is a Path for a local root and the URL string for a remote one. `storage_options`
+    (fsspec options for a remote root) default to `$ALIGNFLOW_STORAGE_OPTIONS`.
+    """
 
-    def _name_dir(self, kind: str, name: str) -> Path:
+    def __init__(self, root: str | os.PathLike | None = None, *, storage_options: dict[str, Any] | None = None):
+        self.root: Path | str = normalize_root(root) if root else default_root()
+        self._remote: RemoteStore | None = None
+        if isinstance(self.root, str):
+            from storage.remote import RemoteStore, storage_options_from_env  # fsspec only when needed
+
+            options = storage_options if storage_options is not None else storage_options_from_env()
+            self._remote = RemoteStore(self.root, options)
+
+    @property
+    def is_remote(self) -> bool:
+        return self._remote is not None
+
+    def _check(self, kind: str, name: str) -> None:
         if kind not in KINDS:
             raise RegistryError(f"unknown kind {kind!r}; expected one of {KINDS}")
         if not NAME_PATTERN.match(name):
             raise RegistryError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-'")
-        return self.root / f"{kind}s" / name
+
+    def _name_dir(self, kind: str, name: str) -> Path:
+        """The local folder of a name (local roots only)."""
+        self._check(kind, name)
+        return Path(self.root) / f"{kind}s" / name
+
+    def _remote_version(self, manifest: Manifest) -> Version:
+        store = self._remote
+        location = store.location(manifest.kind, manifest.name, manifest.version)
+        return Version(location, manifest, fetch=partial(store.fetch, manifest))
 
     # ---- reading -------------------------------------------------------------------------------
 
     def versions(self, kind: str, name: str) -> list[Version]:
-        """All complete versions of `name`, oldest first."""
+        """All complete versions of `name`, oldest first (for a remote root: manifests only, no download)."""
+        if self._remote:
+            self._check(kind, name)
+            return [self._remote_version(m) for m in self._remote.manifests(kind, name)]
         name_dir = self._name_dir(kind, name)
         if not name_dir.is_dir():
             return []
@@ -142,7 +215,9 @@ class Registry:
         return sorted(found, key=lambda v: v.manifest.version)
 
     def names(self, kind: str) -> list[str]:
-        kind_dir = self.root / f"{kind}s"
+        if self._remote:
+            return [name for name in self._remote.names(kind) if self.versions(kind, name)]
+        kind_dir = Path(self.root) / f"{kind}s"
         if not kind_dir.is_dir():
             return []
         return sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and self.versions(kind, p.name))
@@ -213,39 +288,49 @@ class Registry:
 
         `parents` are qualified refs, `dataset:name@3` or `model:name@2`, resolved to exact versions.
         """
-        name_dir = self._name_dir(kind, name)
+        self._check(kind, name)
         qualified_parents = [self._qualify(p) for p in parents or []]
-        staging = name_dir / ".staging" / uuid.uuid4().hex
+        if self._remote:
+            staging = self._remote.staging_dir(kind, name)
+        else:
+            staging = self._name_dir(kind, name) / ".staging" / uuid.uuid4().hex
         staging.mkdir(parents=True)
         draft = Draft(path=staging, kind=kind, name=name)
         try:
             yield draft
-            version_dir = self._reserve(name_dir)
-            for entry in staging.iterdir():
-                os.rename(entry, version_dir / entry.name)
-            files = {
-                str(p.relative_to(version_dir)): describe_file(p)
-                for p in sorted(version_dir.rglob("*"))
-                if p.is_file() and p.name != MANIFEST
-            }
-            manifest = Manifest(
-                kind=kind,
-                name=name,
-                version=int(version_dir.name),
-                created_at=datetime.now(timezone.utc).isoformat(),
-                files=files,
-                config=serialize_config(config),
-                parents=qualified_parents,
-                code_version=code_version(),
-                flow_run_id=current_flow_run_id(),
-                metrics=draft.metrics,
-                extra=draft.extra,
-            )
-            atomic.write_text(version_dir / MANIFEST, manifest.model_dump_json(indent=2))
-            draft.version = Version(version_dir, manifest)
+            files = describe_tree(staging)
+
+            def build(number: int) -> Manifest:
+                return Manifest(
+                    kind=kind,
+                    name=name,
+                    version=number,
+                    created_at=datetime.now(timezone.utc).isoformat(),
+                    files=files,
+                    config=serialize_config(config),
+                    parents=qualified_parents,
+                    code_version=code_version(),
+                    flow_run_id=current_flow_run_id(),
+                    metrics=draft.metrics,
+                    extra=draft.extra,
+                )
+
+            if self._remote:
+                draft.version = self._remote_version(self._remote.publish(kind, name, staging, files, build))
+            else:
+                draft.version = self._publish_local(self._name_dir(kind, name), staging, build)
             draft.ref = draft.version.ref
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _publish_local(self, name_dir: Path, staging: Path, build: Callable[[int], Manifest]) -> Version:
+        """Move the staged files into the next free version folder, then write the manifest."""
+        version_dir = self._reserve(name_dir)
+        for entry in staging.iterdir():
+            os.rename(entry, version_dir / entry.name)
+        manifest = build(int(version_dir.name))
+        atomic.write_text(version_dir / MANIFEST, manifest.model_dump_json(indent=2))
+        return Version(version_dir, manifest)
 
     def _reserve(self, name_dir: Path) -> Path:
         """Take the next free version number with an exclusive mkdir; racing writers get distinct ones."""
@@ -269,11 +354,40 @@ class Registry:
 
     # ---- run state -----------------------------------------------------------------------------
 
+    def _local_base(self) -> Path:
+        """The local folder for run state: the root itself, or the cache of a remote root."""
+        return self._remote.cache if self._remote else Path(self.root)
+
     def work_dir(self, flow: str, key: str) -> Path:
-        """A folder for a run's checkpoints; the same flow and key (a config hash) find it again."""
-        path = self.root / "work" / flow / key
+        """A folder for a run's checkpoints; the same flow and key (a config hash) find it again.
+
+        Always local: for a remote root it lies in the cache, so a run resumes on the same machine.
+        """
+        path = self._local_base() / "work" / flow / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def local_dir(self, name: str) -> Path:
+        """A local scratch folder (e.g. `demo` for the generated demo corpus): `root/name`, or under the cache."""
+        if not NAME_PATTERN.match(name) or name in ("datasets", "models", "work"):
+            raise RegistryError(f"invalid scratch folder name {name!r}")
+        path = self._local_base() / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def verify(self, kind: str, ref: str) -> Version:
+        """Rehash every file of a version against its manifest (for a remote root: the local copy)."""
+        version = self.resolve(kind, ref)
+        folder = version.path
+        for relpath, info in version.manifest.files.items():
+            path = folder / relpath
+            if not path.is_file():
+                raise RegistryError(f"{kind} {version.ref}: file {relpath!r} is missing from {folder}")
+            actual = sha256_file(path)
+            if actual != info.get("sha256"):
+                raise RegistryError(f"{kind} {version.ref}: file {path} has sha256 {actual}, "
+                                    f"but the manifest says {info.get('sha256')}")
+        return version
 
 
 def describe(version: Version) -> dict[str, Any]:

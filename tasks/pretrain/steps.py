@@ -55,7 +55,7 @@ def demo_corpus_file(registry: Registry, documents: int) -> Path:
     from tasks.self_instruct.demo_documents import seed_documents
     from tasks.self_instruct.seeds import demo_seed_path, load_seed_tasks
 
-    path = registry.root / "demo" / f"corpus-{documents}.jsonl"
+    path = registry.local_dir("demo") / f"corpus-{documents}.jsonl"
     if not path.exists():
         extra = seed_documents(load_seed_tasks(demo_seed_path("en")), "en") + seed_documents(load_seed_tasks(demo_seed_path("ko")), "ko", copies=5)
         build_demo_corpus(path, max_documents=documents, extra_documents=extra)

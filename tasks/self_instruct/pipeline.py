@@ -12,6 +12,10 @@ A batch's randomness is a function of (seed, batch index) alone: the prompt samp
 generator's sampling seed. A part is written first and the state (`state.json`) second, both
 atomically; on resume, parts beyond the state's batch are ignored. A run killed at any point and
 started again therefore produces exactly the dataset an uninterrupted run produces.
+
+Each batch is planned here, generated in shards that may run in parallel anywhere (threads, Dask or
+Ray workers; see `plan_batch`), and committed here in request order: the dataset depends on the
+config, never on the runner or on which worker ran what.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from storage import atomic
+from storage.manifest import serialize_config
 from tasks.generation.config import GeneratorConfig
 from tasks.generation.params import DecodingParams, Generator
+from tasks.runners import TaskRunnerConfig
 from tasks.self_instruct.filters import INSTANCE_REASONS, INSTRUCTION_REASONS, filter_instances, filter_instruction
 from tasks.self_instruct.parsing import parse_classification, parse_instances, parse_instructions
 from tasks.self_instruct.prompts import (
@@ -57,7 +63,9 @@ class SelfInstructConfig(BaseModel):
     language: Literal["en", "ko"] = Field("en", description="Prompt templates and filter rules: en follows the paper; ko uses Korean templates, a punctuation-only first-character rule and the unicode ROUGE tokenizer.")
     num_instructions: int = Field(200, ge=1, le=1_000_000, description="Stop once this many machine instructions are kept.")
     max_requests: int = Field(0, ge=0, description="Stop after this many bootstrap requests even when fewer instructions were kept; 0 means 2 x num_instructions.")
-    requests_per_batch: int = Field(16, ge=1, le=4096, description="Bootstrap prompts per batch: one checkpoint and one Prefect task run per batch.")
+    requests_per_batch: int = Field(16, ge=1, le=4096, description="Requests per batch (bootstrap prompts, or instructions to classify or give instances): one checkpoint per batch.")
+    shard_size: int = Field(16, ge=1, le=4096, description="Requests per generation task: a batch's shards run in parallel on the task runner. Part of the run's identity (it fixes how prompts are batched), unlike the runner.")
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the shards run: threads here (default), a Dask cluster or a Ray cluster. Any runner gives the same dataset.")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Which model generates: the pretrained model (local) or an OpenAI-compatible endpoint.")
     bootstrap_decoding: DecodingParams = Field(
         default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, top_p=0.5, max_new_tokens=256),
@@ -73,6 +81,10 @@ class SelfInstructConfig(BaseModel):
     @property
     def request_limit(self) -> int:
         return self.max_requests or 2 * self.num_instructions
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the dataset: everything but where the work runs."""
+        return serialize_config(self.model_copy(update={"task_runner": TaskRunnerConfig()}))
 
     @property
     def rouge_tokenizer(self) -> str:
@@ -110,76 +122,158 @@ def kept_machine_instructions(work: Path, state: dict[str, Any]) -> list[dict[st
     return [row for row in table.to_pylist() if row["kept"]]
 
 
+# ---- batches: plan -> shards -> commit ---------------------------------------------------------
+#
+# A batch is planned in the flow's process (prompts need the kept pool so far), its requests are
+# split into shards of `shard_size` that generate in parallel on the task runner (threads, Dask or
+# Ray workers), and the shards' rows are committed in request order. A shard's output is a function
+# of its parameters alone, and the split a function of the config alone, so every runner and every
+# worker count gives the same dataset. Shards see the pool as it was when the batch was planned;
+# the commit then applies the greedy ROUGE-L decision in request order against the batch's own
+# earlier keeps, which gives exactly the decisions of one sequential filter.
+
+
+def plan_batch(config: SelfInstructConfig, seeds: list[SeedTask], work: Path) -> dict[str, Any]:
+    """The next batch of the current stage: its index, decoding, shards of requests, and the pool."""
+    state = load_state(work)
+    stage = state["stage"]
+    if stage not in ("bootstrap", "classify", "instances"):
+        raise ValueError(f"{work / STATE}: stage {stage!r} has no batches left")
+    index = state["batches"][stage] + 1
+    plan: dict[str, Any] = {"stage": stage, "index": index, "pool": []}
+    seed = (config.seed * 1_000_003 + index) % (2**31 - 1)
+    if stage == "bootstrap":
+        requests, pool = _bootstrap_requests(config, seeds, work, state, index)
+        decoding = config.bootstrap_decoding.model_copy(update={
+            "seed": seed, "stop": config.bootstrap_decoding.stop or stop_sequences("bootstrap", config.language)})
+        plan.update(requests=len(requests), pool=pool)
+    else:
+        kept = kept_machine_instructions(work, state)
+        start = (index - 1) * config.requests_per_batch
+        is_cls = _classification_labels(work, state) if stage == "instances" else {}
+        requests = [{"instruction_id": machine_instruction_id(start + i), "instruction": row["candidate"],
+                     "is_classification": is_cls.get(machine_instruction_id(start + i), False)}
+                    for i, row in enumerate(kept[start : start + config.requests_per_batch])]
+        plan["last"] = start + config.requests_per_batch >= len(kept)
+        if stage == "classify":
+            decoding = config.instance_decoding.model_copy(update={
+                "strategy": "greedy", "max_new_tokens": 8, "stop": stop_sequences("classification", config.language), "seed": seed})
+        else:
+            decoding = config.instance_decoding.model_copy(update={
+                "stop": config.instance_decoding.stop or stop_sequences("instances", config.language), "seed": seed})
+    plan["decoding"] = decoding.model_dump(mode="json")
+    plan["shards"] = [requests[i : i + config.shard_size] for i in range(0, len(requests), config.shard_size)]
+    return plan
+
+
+def run_shard(config: SelfInstructConfig, generator: Generator, stage: str, requests: list[dict[str, Any]],
+              decoding: dict[str, Any], pool: list[str]) -> list[dict[str, Any]]:
+    """Generate one shard of a batch and turn the completions into part rows (no state is touched)."""
+    params = DecodingParams.model_validate(decoding)
+    if stage == "bootstrap":
+        return _bootstrap_shard(config, generator, requests, params, pool)
+    if stage == "classify":
+        return _classify_shard(config, generator, requests, params)
+    return _instances_shard(config, generator, requests, params)
+
+
+def commit_batch(config: SelfInstructConfig, work: Path, plan: dict[str, Any], shard_rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Write the batch's part and advance the state (part first, state second). Returns the new state."""
+    state = load_state(work)
+    stage, index = plan["stage"], plan["index"]
+    if state["stage"] != stage or state["batches"][stage] != index - 1:
+        raise RuntimeError(f"{work / STATE}: batch {stage} {index} was planned on another state (now {state['stage']} "
+                           f"{state['batches'][stage]}); is another run using this work folder?")
+    rows = [row for shard in shard_rows for row in shard]
+    if stage == "bootstrap":
+        _decide_in_order(config, rows)
+        schema = CANDIDATE_SCHEMA
+        state["requests"] += plan["requests"]
+        state["kept"] += sum(1 for r in rows if r["kept"])
+        if state["kept"] >= config.num_instructions or state["requests"] >= config.request_limit:
+            state["stage"] = "classify"
+    else:
+        schema = CLASSIFY_SCHEMA if stage == "classify" else INSTANCES_PART_SCHEMA
+        if plan["last"]:
+            state["stage"] = "instances" if stage == "classify" else "done"
+    atomic.write_parquet(part_path(work, stage, index), pa.Table.from_pylist(rows, schema=schema))
+    state["batches"][stage] = index
+    save_state(work, state)
+    return state
+
+
+def run_batch(config: SelfInstructConfig, seeds: list[SeedTask], generator: Generator, work: Path) -> dict[str, Any]:
+    """One whole batch in this process (plan, every shard in order, commit): the sequential reference."""
+    plan = plan_batch(config, seeds, work)
+    rows = [run_shard(config, generator, plan["stage"], shard, plan["decoding"], plan["pool"]) for shard in plan["shards"]]
+    return commit_batch(config, work, plan, rows)
+
+
 # ---- stage 1: bootstrap ------------------------------------------------------------------------
 
 
-def make_filter(config: SelfInstructConfig, seeds: list[SeedTask], work: Path, state: dict[str, Any]):
-    """The ROUGE-L engine with the seeds as references and every kept instruction so far."""
-    from tasks.rouge.engine import RougeLFilter
-
-    engine = RougeLFilter(threshold=config.rouge_threshold, tokenizer=config.rouge_tokenizer)
-    engine.add_references([s.instruction for s in seeds])
-    kept = [row["candidate"] for row in kept_machine_instructions(work, state)]
-    if kept:
-        # Re-offering the kept instructions in order rebuilds the pool exactly (each was novel then).
-        engine.offer(kept)
-    return engine
-
-
-# work folder -> (acknowledged bootstrap batch, engine): rebuilding the pool every batch would cost
-# as much as the whole filter. An entry is taken out while a batch runs, so a failed batch never
-# leaves a half-updated engine behind.
-_ENGINES: dict[str, tuple[int, Any]] = {}
-
-
-def bootstrap_batch(config: SelfInstructConfig, seeds: list[SeedTask], generator: Generator, work: Path) -> dict[str, Any]:
-    """Run the next bootstrap batch, write its part and advance the state. Returns the new state."""
-    state = load_state(work)
-    index = state["batches"]["bootstrap"] + 1
-    cached = _ENGINES.pop(str(work), None)
-    engine = cached[1] if cached and cached[0] == index - 1 else make_filter(config, seeds, work, state)
+def _bootstrap_requests(config: SelfInstructConfig, seeds: list[SeedTask], work: Path, state: dict[str, Any],
+                        index: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The batch's prompts (6 seeds + 2 kept machine instructions each) and the ROUGE-L pool so far."""
     kept_pool = [row["candidate"] for row in kept_machine_instructions(work, state)]
     rng = random.Random(f"{config.seed}-bootstrap-{index}")
+    seed_texts = [s.instruction for s in seeds]
     seed_by_text = {s.instruction: s.id for s in seeds}
     n_requests = min(config.requests_per_batch, config.request_limit - state["requests"])
-    prompts, prompt_ids = [], []
-    for _ in range(n_requests):
-        chosen = sample_prompt_instructions([s.instruction for s in seeds], kept_pool, rng, num_seed=6, num_machine=2)
-        prompts.append(render_bootstrap_prompt(chosen, config.language))
-        prompt_ids.append([seed_by_text.get(text, "machine") for text in chosen])
-    decoding = config.bootstrap_decoding.model_copy(update={
-        "seed": (config.seed * 1_000_003 + index) % (2**31 - 1),
-        "stop": config.bootstrap_decoding.stop or stop_sequences("bootstrap", config.language),
-    })
-    completions = generator.complete(prompts, decoding)
+    requests = []
+    for offset in range(n_requests):
+        chosen = sample_prompt_instructions(seed_texts, kept_pool, rng, num_seed=6, num_machine=2)
+        requests.append({"request_idx": state["requests"] + offset, "prompt": render_bootstrap_prompt(chosen, config.language),
+                         "prompt_seed_ids": [seed_by_text.get(text, "machine") for text in chosen]})
+    return requests, seed_texts + kept_pool
+
+
+def _bootstrap_shard(config: SelfInstructConfig, generator: Generator, requests: list[dict[str, Any]],
+                     decoding: DecodingParams, pool: list[str]) -> list[dict[str, Any]]:
+    """Continue the prompts, parse and filter the candidates, and score them against the pool."""
+    from tasks.rouge.nearest import nearest
+
+    completions = generator.complete([r["prompt"] for r in requests], decoding)
     identity = json.dumps(generator.identity(), sort_keys=True)
     rows: list[dict[str, Any]] = []
-    request_base = state["requests"]
-    for offset, (completion, ids) in enumerate(zip(completions, prompt_ids)):
-        request_idx = request_base + offset
+    for request, completion in zip(requests, completions):
+        idx, ids = request["request_idx"], request["prompt_seed_ids"]
         if completion.finish_reason == "error":
-            rows.append(_candidate_row("", request_idx, ids, identity, decoding, reason="request_failed"))
+            rows.append(_candidate_row("", idx, ids, identity, decoding, reason="request_failed"))
             continue
         candidates = parse_instructions(completion.text, start_index=PROMPT_INSTRUCTIONS + 1, finish_reason=completion.finish_reason)
         if not candidates:
-            rows.append(_candidate_row(completion.text[:500], request_idx, ids, identity, decoding, reason="unparseable"))
+            rows.append(_candidate_row(completion.text[:500], idx, ids, identity, decoding, reason="unparseable"))
         for candidate in candidates:
-            reason = filter_instruction(candidate, config.language)
-            row = _candidate_row(candidate, request_idx, ids, identity, decoding, reason=reason)
-            if reason is None:
-                decision = engine.offer([candidate])[0]
-                row.update(max_rouge_l=decision.max_rouge_l, most_similar=decision.most_similar, kept=decision.kept,
-                           reason=None if decision.kept else "rouge_l")
-            rows.append(row)
-    atomic.write_parquet(part_path(work, "bootstrap", index), pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA))
-    state["batches"]["bootstrap"] = index
-    state["requests"] = request_base + n_requests
-    state["kept"] += sum(1 for r in rows if r["kept"])
-    if state["kept"] >= config.num_instructions or state["requests"] >= config.request_limit:
-        state["stage"] = "classify"
-    save_state(work, state)
-    _ENGINES[str(work)] = (index, engine)
-    return state
+            rows.append(_candidate_row(candidate, idx, ids, identity, decoding, reason=filter_instruction(candidate, config.language)))
+    scored = [row for row in rows if row["reason"] is None]
+    for row, (score, column) in zip(scored, nearest([r["candidate"] for r in scored], pool, config.rouge_tokenizer)):
+        row.update(max_rouge_l=score, most_similar=None if column is None else pool[column])
+    return rows
+
+
+def _decide_in_order(config: SelfInstructConfig, rows: list[dict[str, Any]]) -> None:
+    """The greedy novelty decision, in request order, for rows scored against the batch's pool.
+
+    A candidate's highest score is the larger of its score against the planned pool (from its shard)
+    and against the candidates this batch kept before it; ties go to the pool, which comes first
+    in pool order, as in one sequential filter.
+    """
+    from tasks.rouge.nearest import nearest
+
+    kept_in_batch: list[str] = []
+    for row in rows:
+        if row["reason"] is not None:
+            continue
+        if row["max_rouge_l"] <= config.rouge_threshold and kept_in_batch:
+            score, column = nearest([row["candidate"]], kept_in_batch, config.rouge_tokenizer)[0]
+            if score > row["max_rouge_l"]:
+                row.update(max_rouge_l=score, most_similar=kept_in_batch[column])
+        if row["max_rouge_l"] > config.rouge_threshold:
+            row["reason"] = "rouge_l"
+        else:
+            row["kept"] = True
+            kept_in_batch.append(row["candidate"])
 
 
 CANDIDATE_SCHEMA = pa.schema([
@@ -201,60 +295,40 @@ def machine_instruction_id(row_number: int) -> str:
 # ---- stage 2: classification -------------------------------------------------------------------
 
 
-def classify_batch(config: SelfInstructConfig, generator: Generator, work: Path) -> dict[str, Any]:
-    """Ask the yes/no classification question for the next batch of kept machine instructions."""
-    state = load_state(work)
-    kept = kept_machine_instructions(work, state)
-    index = state["batches"]["classify"] + 1
-    start = (index - 1) * config.requests_per_batch
-    batch = kept[start : start + config.requests_per_batch]
-    decoding = config.instance_decoding.model_copy(update={"strategy": "greedy", "max_new_tokens": 8, "stop": stop_sequences("classification", config.language),
-                                                           "seed": (config.seed * 1_000_003 + index) % (2**31 - 1)})
-    completions = generator.complete([render_classification_prompt(r["candidate"], config.language) for r in batch], decoding) if batch else []
-    rows = [{"instruction_id": machine_instruction_id(start + i), "is_classification": parse_classification(c.text) is True, "answer": c.text[:200]}
-            for i, c in enumerate(completions)]
-    atomic.write_parquet(part_path(work, "classify", index), pa.Table.from_pylist(rows, schema=CLASSIFY_SCHEMA))
-    state["batches"]["classify"] = index
-    if start + config.requests_per_batch >= len(kept):
-        state["stage"] = "instances"
-    save_state(work, state)
-    return state
+def _classify_shard(config: SelfInstructConfig, generator: Generator, requests: list[dict[str, Any]],
+                    decoding: DecodingParams) -> list[dict[str, Any]]:
+    """Ask the few-shot yes/no classification question for each instruction."""
+    completions = generator.complete([render_classification_prompt(r["instruction"], config.language) for r in requests], decoding)
+    return [{"instruction_id": r["instruction_id"], "is_classification": parse_classification(c.text) is True, "answer": c.text[:200]}
+            for r, c in zip(requests, completions)]
 
 
 CLASSIFY_SCHEMA = pa.schema([("instruction_id", pa.string()), ("is_classification", pa.bool_()), ("answer", pa.string())])
 
 
+def _classification_labels(work: Path, state: dict[str, Any]) -> dict[str, bool]:
+    labels = read_parts(work, "classify", state["batches"]["classify"])
+    return dict(zip(labels["instruction_id"].to_pylist(), labels["is_classification"].to_pylist())) if labels is not None else {}
+
+
 # ---- stage 3: instances ------------------------------------------------------------------------
 
 
-def instances_batch(config: SelfInstructConfig, generator: Generator, work: Path) -> dict[str, Any]:
-    """Generate and filter the instances of the next batch of machine instructions."""
-    state = load_state(work)
-    kept = kept_machine_instructions(work, state)
-    labels = read_parts(work, "classify", state["batches"]["classify"])
-    is_cls = dict(zip(labels["instruction_id"].to_pylist(), labels["is_classification"].to_pylist())) if labels is not None else {}
-    index = state["batches"]["instances"] + 1
-    start = (index - 1) * config.requests_per_batch
-    batch = [(machine_instruction_id(start + i), row["candidate"]) for i, row in enumerate(kept[start : start + config.requests_per_batch])]
-    decoding = config.instance_decoding.model_copy(update={"stop": config.instance_decoding.stop or stop_sequences("instances", config.language),
-                                                           "seed": (config.seed * 1_000_003 + index) % (2**31 - 1)})
-    primers = [INSTANCE_PRIMERS[(config.language, is_cls.get(iid, False))] for iid, _ in batch]
-    prompts = [render_instance_prompt(text, is_cls.get(iid, False), config.language) + primer for (iid, text), primer in zip(batch, primers)]
-    completions = generator.complete(prompts, decoding) if batch else []
+def _instances_shard(config: SelfInstructConfig, generator: Generator, requests: list[dict[str, Any]],
+                     decoding: DecodingParams) -> list[dict[str, Any]]:
+    """Generate, parse and filter the instances of each instruction (output-first for classification)."""
+    primers = [INSTANCE_PRIMERS[(config.language, r["is_classification"])] for r in requests]
+    prompts = [render_instance_prompt(r["instruction"], r["is_classification"], config.language) + primer
+               for r, primer in zip(requests, primers)]
     rows = []
-    for (iid, _), primer, completion in zip(batch, primers, completions):
-        parsed = parse_instances(primer.lstrip("\n") + completion.text, is_cls.get(iid, False), finish_reason=completion.finish_reason)
+    for request, primer, completion in zip(requests, primers, generator.complete(prompts, decoding)):
+        parsed = parse_instances(primer.lstrip("\n") + completion.text, request["is_classification"], finish_reason=completion.finish_reason)
         kept_instances, counts, dropped = filter_instances(parsed, config.max_instances)
         rows.append({
-            "instruction_id": iid, "parsed": len(parsed), "task_dropped": dropped, "counts": json.dumps(counts),
+            "instruction_id": request["instruction_id"], "parsed": len(parsed), "task_dropped": dropped, "counts": json.dumps(counts),
             "inputs": [i.input for i in kept_instances], "outputs": [i.output for i in kept_instances],
         })
-    atomic.write_parquet(part_path(work, "instances", index), pa.Table.from_pylist(rows, schema=INSTANCES_PART_SCHEMA))
-    state["batches"]["instances"] = index
-    if start + config.requests_per_batch >= len(kept):
-        state["stage"] = "done"
-    save_state(work, state)
-    return state
+    return rows
 
 
 INSTANCES_PART_SCHEMA = pa.schema([
@@ -273,8 +347,7 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
     state = load_state(work)
     candidates = read_parts(work, "bootstrap", state["batches"]["bootstrap"])
     candidate_rows = candidates.to_pylist() if candidates is not None else []
-    labels = read_parts(work, "classify", state["batches"]["classify"])
-    is_cls = dict(zip(labels["instruction_id"].to_pylist(), labels["is_classification"].to_pylist())) if labels is not None else {}
+    is_cls = _classification_labels(work, state)
     parts = read_parts(work, "instances", state["batches"]["instances"])
     instance_rows = parts.to_pylist() if parts is not None else []
 

@@ -1,12 +1,14 @@
-"""The self-instruct flow's Prefect tasks: one task run per batch of requests, never per instruction.
+"""The self-instruct flow's Prefect tasks: per batch a plan, its shards, and a commit; never a task per instruction.
 
-Retries sit on the batch tasks: a batch re-reads the acknowledged state, so a retried batch redoes
-exactly that batch. The generator is built once per process and reused across batches.
+Retries sit on the shard task: a shard touches no state, so a retried shard redoes exactly that
+shard, and a failed batch is planned again by the next run. The generator is built once per
+process (the flow's, or each Dask/Ray worker's) and reused across shards.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,10 @@ from prefect.cache_policies import NONE
 
 from storage import atomic
 from storage.registry import Registry, fingerprint
-from storage.manifest import serialize_config
 from tasks.generation.config import GeneratorConfig, load_generator, resolve_local_model
 from tasks.generation.params import Generator
 from tasks.publish import markdown_image, publish_markdown, publish_table, run_logger
+from tasks.rouge.nearest import nearest
 from tasks.self_instruct import pipeline
 from tasks.self_instruct.pipeline import SelfInstructConfig
 from tasks.self_instruct.seeds import SeedTask, demo_seed_path, load_seed_tasks, seed_file_sha256
@@ -27,18 +29,20 @@ from tasks.self_instruct.seeds import SeedTask, demo_seed_path, load_seed_tasks,
 # The batch tasks are called again and again with the same arguments (the state lives in the work
 # folder), so they must never be served from a cache: `cache_policy=NONE`.
 _GENERATORS: dict[str, Generator] = {}
+_GENERATORS_LOCK = threading.Lock()  # shards on the threads runner ask for it at the same time
 
 
 def generator_for(config: GeneratorConfig) -> Generator:
     """The generator of this config, built once per process. Only the latest one is kept, so a
     long-lived worker or `serve` process does not pile up models run after run."""
     key = config.model_dump_json()
-    if key not in _GENERATORS:
-        for old in _GENERATORS.values():
-            old.close()
-        _GENERATORS.clear()
-        _GENERATORS[key] = load_generator(config, Registry())
-    return _GENERATORS[key]
+    with _GENERATORS_LOCK:
+        if key not in _GENERATORS:
+            for old in _GENERATORS.values():
+                old.close()
+            _GENERATORS.clear()
+            _GENERATORS[key] = load_generator(config, Registry())
+        return _GENERATORS[key]
 
 
 def seeds_path(config: SelfInstructConfig) -> Path:
@@ -66,7 +70,7 @@ def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
     if parent:
         # Pin "latest" to the exact version now, so a resumed run keeps the model it started with.
         config = config.model_copy(update={"generator": config.generator.model_copy(update={"model": parent.partition(":")[2]})})
-    key = fingerprint(serialize_config(config), seed_file_sha256(path))
+    key = fingerprint(config.identity(), seed_file_sha256(path))
     work = Registry().work_dir("self-instruct", key)
     state = pipeline.load_state(work)
     if state["requests"]:
@@ -75,21 +79,26 @@ def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
             "seeds_path": str(path), "generator_parent": parent, "state": state}
 
 
-@task(name="bootstrap-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def bootstrap_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
-    state = pipeline.bootstrap_batch(config, load_seeds(config), generator_for(config.generator), Path(work))
-    run_logger().info(f"batch {state['batches']['bootstrap']}: {state['requests']} requests, {state['kept']} instructions kept")
+@task(name="plan-batch", cache_policy=NONE)
+def plan_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
+    """The next batch's shards of requests (and, for bootstrap, the ROUGE-L pool they are scored against)."""
+    return pipeline.plan_batch(config, load_seeds(config), Path(work))
+
+
+@task(name="generate-shard", retries=2, retry_delay_seconds=5, cache_policy=NONE,
+      task_run_name="{stage}-shard-{index}.{shard}")
+def shard_step(config: SelfInstructConfig, stage: str, index: int, shard: int, requests: list[dict[str, Any]],
+               decoding: dict[str, Any], pool: list[str]) -> list[dict[str, Any]]:
+    """Generate one shard on whichever worker runs it; the worker loads the generator by ref, once."""
+    return pipeline.run_shard(config, generator_for(config.generator), stage, requests, decoding, pool)
+
+
+@task(name="commit-batch", cache_policy=NONE)
+def commit_batch_step(config: SelfInstructConfig, work: str, plan: dict[str, Any], rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    state = pipeline.commit_batch(config, Path(work), plan, rows)
+    if plan["stage"] == "bootstrap":
+        run_logger().info(f"batch {plan['index']}: {state['requests']} requests, {state['kept']} instructions kept")
     return state
-
-
-@task(name="classify-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def classify_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
-    return pipeline.classify_batch(config, generator_for(config.generator), Path(work))
-
-
-@task(name="instances-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def instances_batch_step(config: SelfInstructConfig, work: str) -> dict[str, Any]:
-    return pipeline.instances_batch(config, generator_for(config.generator), Path(work))
 
 
 @task(name="register-self-instruct-dataset")
@@ -103,7 +112,7 @@ def register_dataset_step(config: SelfInstructConfig, prepared: dict[str, Any]) 
     registry = Registry()
     parents = [prepared["generator_parent"]] if prepared["generator_parent"] else []
     identity = json.loads(tables["instructions"]["generator"].drop_null()[0].as_py()) if tables["instructions"]["generator"].null_count < tables["instructions"].num_rows else {"backend": config.generator.backend, "model": config.generator.model}
-    key = fingerprint(prepared["config"], prepared["seeds_sha256"], pipeline.load_state(work))
+    key = fingerprint(config.identity(), prepared["seeds_sha256"], pipeline.load_state(work))
     existing = registry.find("dataset", config.dataset_name, key)
     if existing:
         return existing.ref
@@ -133,7 +142,7 @@ def nearest_seed_histogram(config: SelfInstructConfig, seeds: list[SeedTask], in
     import matplotlib.pyplot as plt
 
     machine = [r for r in instructions.to_pylist() if r["origin"] == "machine"]
-    scores = nearest_scores([r["instruction"] for r in machine], [s.instruction for s in seeds], config.rouge_tokenizer)
+    scores = [score for score, _ in nearest([r["instruction"] for r in machine], [s.instruction for s in seeds], config.rouge_tokenizer)]
     lengths = [len(r["instruction"].split()) for r in machine]
     verbs = Counter(r["instruction"].split()[0].lower().strip(",.:") for r in machine if r["instruction"].split()).most_common(10)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100)
@@ -149,22 +158,6 @@ def nearest_seed_histogram(config: SelfInstructConfig, seeds: list[SeedTask], in
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def nearest_scores(texts: list[str], references: list[str], tokenizer: str) -> list[float]:
-    """Each text's highest ROUGE-L F against the references alone (rouge-score's arithmetic)."""
-    from rapidfuzz.distance import LCSseq
-
-    from tasks.rouge.engine import rouge_l_fmeasure
-    from tasks.rouge.tokenize import make_tokenizer
-
-    tokenize = make_tokenizer(tokenizer, False)
-    refs = [tokenize(r) for r in references]
-    best = []
-    for text in texts:
-        tokens = tokenize(text)
-        best.append(max((rouge_l_fmeasure(LCSseq.similarity(ref, tokens), len(ref), len(tokens)) for ref in refs if ref and tokens), default=0.0))
-    return best
 
 
 def export_alpaca(sft, path: Path) -> None:

@@ -161,3 +161,26 @@ def test_korean_run_keeps_hangul_instructions(registry_root, demo_base_model):
     hangul_first = [r for r in tables["rejected"].to_pylist() if r["candidate"] and "\uac00" <= r["candidate"][0] <= "\ud7a3"]
     assert all(r["reason"] != "bad_first_char" for r in hangul_first)
     assert version.manifest.config["language"] == "ko"
+
+
+def test_dask_runner_with_two_workers_gives_the_default_runners_dataset(tmp_path, monkeypatch, demo_base_model):
+    """Shards generate on two Dask worker processes; the committed dataset is the threads run's, row for row."""
+    from tasks.runners import TaskRunnerConfig
+
+    config = small_config(demo_base_model, num_instructions=24, max_requests=24, requests_per_batch=8, shard_size=4)
+    refs = {}
+    for runner in ("threads", "dask"):
+        monkeypatch.setenv("ALIGNFLOW_HOME", str(tmp_path / runner))  # separate work folders: no resume across runs
+        refs[runner] = self_instruct(config.model_copy(update={"task_runner": TaskRunnerConfig(runner=runner, workers=2)}))
+    _, threads_tables = read_version_at(tmp_path / "threads", refs["threads"])
+    dask_version, dask_tables = read_version_at(tmp_path / "dask", refs["dask"])
+    assert dask_version.manifest.config["task_runner"]["runner"] == "dask"
+    machine = [r for r in dask_tables["instructions"].to_pylist() if r["origin"] == "machine"]
+    assert machine and dask_tables["rejected"].num_rows > 0
+    for name in ("instructions", "instances", "rejected", "sft"):
+        assert dask_tables[name].to_pylist() == threads_tables[name].to_pylist(), name
+
+
+def read_version_at(root: Path, ref: str):
+    version = Registry(root).resolve("dataset", ref)
+    return version, {name: pq.read_table(version.path / f"{name}.parquet") for name in ("instructions", "instances", "rejected", "sft")}

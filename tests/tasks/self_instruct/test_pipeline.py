@@ -1,0 +1,60 @@
+"""The batch commit: shards scored in parallel against the planned pool, decided in request order."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from tasks.rouge.engine import RougeLFilter
+from tasks.rouge.nearest import nearest
+from tasks.self_instruct.pipeline import SelfInstructConfig, _decide_in_order
+
+
+def _stream(n: int) -> list[str]:
+    path = Path(__file__).resolve().parents[3] / "bench" / "rouge_filter.py"
+    spec = importlib.util.spec_from_file_location("bench_rouge_filter", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_stream(n, seed=5)
+
+
+def _row(text: str) -> dict:
+    return {"candidate": text, "reason": None, "kept": False, "max_rouge_l": None, "most_similar": None}
+
+
+def test_sharded_batches_decide_exactly_as_one_sequential_filter() -> None:
+    """Three batches of 120 candidates in shards of 7: every decision, score and neighbour equals the greedy filter's."""
+    config = SelfInstructConfig()
+    stream = _stream(400)
+    seeds, candidates = stream[:40], stream[40:400]
+    sequential = RougeLFilter(threshold=config.rouge_threshold)
+    sequential.add_references(seeds)
+    expected = sequential.offer(candidates)
+
+    pool, rows = list(seeds), []
+    for start in range(0, len(candidates), 120):
+        batch = [_row(text) for text in candidates[start : start + 120]]
+        for shard_start in range(0, len(batch), 7):  # what each worker does, against the planned pool
+            shard = batch[shard_start : shard_start + 7]
+            for row, (score, column) in zip(shard, nearest([r["candidate"] for r in shard], pool)):
+                row.update(max_rouge_l=score, most_similar=None if column is None else pool[column])
+        _decide_in_order(config, batch)
+        pool += [r["candidate"] for r in batch if r["kept"]]
+        rows += batch
+
+    assert sum(r["kept"] for r in rows) == sum(d.kept for d in expected) > 0
+    assert any(not d.kept for d in expected)
+    for row, decision in zip(rows, expected):
+        assert (row["kept"], row["max_rouge_l"], row["most_similar"]) == (decision.kept, decision.max_rouge_l, decision.most_similar)
+        assert row["reason"] == (None if decision.kept else "rouge_l")
+
+
+def test_rows_rejected_by_earlier_filters_are_left_alone() -> None:
+    config = SelfInstructConfig()
+    rows = [{**_row("write a poem about the sea"), "max_rouge_l": 0.1},
+            {**_row("write a poem about the sea"), "reason": "too_short"},
+            {**_row("write a poem about the sea"), "max_rouge_l": 0.1}]
+    _decide_in_order(config, rows)
+    assert [r["kept"] for r in rows] == [True, False, False]
+    assert [r["reason"] for r in rows] == [None, "too_short", "rouge_l"]
+    assert rows[2]["max_rouge_l"] == 1.0 and rows[2]["most_similar"] == "write a poem about the sea"
