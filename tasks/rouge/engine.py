@@ -13,8 +13,13 @@ Semantics, exactly those of rouge-score 0.1.2 with ``RougeScorer(["rougeL"])``:
 
 How it is fast, with every step exact:
 
-1. Texts become lists of integer token ids, and each list becomes a string of one code point per
-   token, so rapidfuzz's bit-parallel LCS (``LCSseq``) runs on them in C.
+1. Each text becomes a string of one code point per token, so rapidfuzz's bit-parallel LCS
+   (``LCSseq``) runs on them in C. A block of texts is tokenized in one go (for the default
+   tokenizer, ASCII text is lowered and split with one ``str.translate`` over the whole block,
+   see ``make_batch_tokenizer``) and its tokens map straight to their characters through C-level
+   ``map`` and ``join``: no Python frame per token and no list of ids. New words get code points
+   most frequent first, so common words fall below 256, where rapidfuzz's pattern tables are a
+   plain array instead of a hash map. Kept items join the pool's lists once per block.
 2. Small pools (up to ``_SCAN_POOL`` items): a block of candidates is scored against the whole
    pool and against itself in one ``cdist`` call (LCS lengths in one byte each when the block's
    texts are shorter than 256 tokens); ``l / (m + n)`` in float32, which is half the F-measure up
@@ -54,7 +59,9 @@ Use::
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Sequence
 
@@ -62,7 +69,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 
-from tasks.rouge.tokenize import TOKENIZERS, make_tokenizer
+from tasks.rouge.tokenize import TOKENIZERS, make_batch_tokenizer, make_tokenizer
 
 STATE_FORMAT = "alignflow.rouge_l_filter/1"
 
@@ -134,6 +141,15 @@ def _codepoint(token_id: int) -> int:
     return token_id if token_id < 0xD800 else token_id + 0x800
 
 
+def _point(char: str | int) -> int:
+    return ord(char) if isinstance(char, str) else char
+
+
+def _points(code: str | list[int]) -> list[int]:
+    """A pool item's tokens as code points (the index orders and looks tokens up by them)."""
+    return list(map(ord, code)) if isinstance(code, str) else code
+
+
 class RougeLFilter:
     """Greedy ROUGE-L novelty filter over a growing pool; see the module docstring."""
 
@@ -154,6 +170,7 @@ class RougeLFilter:
         self.stemming = bool(stemming)
         self.workers = workers
         self._tokenize = make_tokenizer(tokenizer, self.stemming)
+        self._tokenize_batch = make_batch_tokenizer(tokenizer, self.stemming)
         # Slightly lowered threshold for the pruning bounds (see _MARGIN).
         t = self.threshold - _MARGIN
         self._ratio = t / (2.0 - t)  # k(n) = floor(n * ratio) + 1
@@ -162,14 +179,13 @@ class RougeLFilter:
         self._needed_overlap: list[int] = []
         self._least_lcs: dict[int, list[int]] = {}  # m -> n -> least LCS scoring above t
 
-        self._vocab: dict[str, int] = {}
-        self._chars: list[str | None] = []  # token id -> its one-character code (None: too large)
-        self._rank: list[int] = []  # token id -> position in the global order (frozen between rebuilds)
+        # token -> its code: one character (the code point), or the int itself past the Unicode range
+        self._chars: dict[str, str | int] = {}
+        self._rank: list[int] = []  # code point -> position in the global order (frozen between rebuilds)
 
         self._texts: list[str] = []  # pool, in pool order
         self._is_reference: list[bool] = []
-        self._ids: list[list[int]] = []
-        self._codes: list[str | list[int]] = []  # rapidfuzz input per pool item
+        self._codes: list[str | list[int]] = []  # rapidfuzz input per pool item (its tokens' code points)
         self._lens: list[int] = []
         self._len_array = np.zeros(1024, dtype=np.float64)
         self._scratch = np.empty(0, dtype=np.float32)  # the small-pool scan's l / (m + n) matrix
@@ -181,9 +197,9 @@ class RougeLFilter:
     # ----------------------------------------------------------------- public API
     def add_references(self, texts: Sequence[str]) -> None:
         """Add items (for example the seed instructions) that candidates are compared against."""
-        for text in texts:
-            ids = self._token_ids(text)
-            self._append(text, ids, is_reference=True)
+        texts = list(texts)
+        for text, code in zip(texts, self._encode(texts)):
+            self._append(text, code, is_reference=True)
 
     def offer(self, texts: Sequence[str]) -> list[Decision]:
         """Decide each text in order; kept ones join the pool at once."""
@@ -202,13 +218,12 @@ class RougeLFilter:
 
     def _offer_scan(self, texts: list[str]) -> list[Decision]:
         """Small pool: every candidate of the block against the pool and the block, in one cdist call."""
-        all_ids = list(map(self._token_ids, texts))
-        nonempty = list(filter(None, all_ids))
-        codes = list(map(self._code, nonempty))
+        all_codes = self._encode(texts)
+        codes = list(filter(None, all_codes))  # empty texts score 0 against everything
         count = len(codes)
         pool_size = len(self._texts)
         if count:
-            query_lens = np.fromiter(map(len, nonempty), dtype=np.float64, count=count)
+            query_lens = np.fromiter(map(len, codes), dtype=np.float64, count=count)
             # One call: the block against the pool, then against itself (the last `count` columns).
             # LCS lengths are at most the query's length: one byte each when that fits.
             lcs = process.cdist(codes, self._codes[:pool_size] + codes, scorer=LCSseq.similarity,
@@ -224,8 +239,8 @@ class RougeLFilter:
             np.add(query_lens.astype(np.float32)[:, None],
                    np.concatenate([self._len_array[:pool_size], query_lens]).astype(np.float32), out=approx)
             np.divide(lcs, approx, out=approx)
-            # Each row's best pool item: every column within _NEAR_32 of the row's maximum of
-            # l / (m + n) is scored exactly (rouge-score's float operations), all rows at once.
+            # Each row's best pool item: every column within _NEAR_32 of the row's maximum is
+            # scored exactly (rouge-score's float operations), all rows at once.
             best_score = np.zeros(count)
             best_column = np.full(count, -1)
             if pool_size:
@@ -251,65 +266,69 @@ class RougeLFilter:
             # Bound on what any earlier row of the block scores, kept or not: most rows skip
             # the block part.
             earlier_max = np.tril(block, -1).max(axis=1).tolist()
-        pool_lens = self._lens
         threshold = self.threshold
+        pool_texts = self._texts
         results: list[Decision] = []
+        # Items joining the pool in this block, in order (empty texts take a slot too); they are
+        # added to the pool's lists at the end, in one go.
+        new_texts: list[str] = []
+        new_codes: list[str | list[int]] = []
         row = -1
-        kept_any = False
+        kept_rows = 0
         pool_index_of_row: list[int] = []
-        for text, ids in zip(texts, all_ids):
-            if not ids:
-                self._append(text, ids, is_reference=False)
+        for text, code in zip(texts, all_codes):
+            if not code:
+                new_texts.append(text)
+                new_codes.append(code)
                 results.append(Decision(text, True, 0.0, None, None, True))
                 continue
             row += 1
-            m = len(ids)
-            if best_column[row] >= 0:
-                best, best_index = best_score[row], best_column[row]
-            else:
-                best, best_index = 0.0, None
+            best_index = best_column[row]
+            best = best_score[row] if best_index >= 0 else 0.0
             # 2l / (m + n) bounds the F-measure (up to rounding): most rows skip the block part.
-            if kept_any and earlier_max[row] > 0.0 and 2.0 * earlier_max[row] >= best - _MARGIN_32:
+            if kept_rows and earlier_max[row] > 0.0 and 2.0 * earlier_max[row] >= best - _MARGIN_32:
                 line = block[row, :row]  # rejected rows' columns are masked: kept rows only
                 block_max = line.max()
                 if block_max > 0.0 and 2.0 * block_max >= best - _MARGIN_32:
+                    m = len(code)
                     for other in np.flatnonzero(line >= block_max * _NEAR_32).tolist():
-                        index = pool_index_of_row[other]
-                        score = rouge_l_fmeasure(int(lcs[row, pool_size + other]), m, pool_lens[index])
+                        score = rouge_l_fmeasure(int(lcs[row, pool_size + other]), m, len(codes[other]))
                         if score > best:  # later pool items win only when strictly higher
-                            best, best_index = score, index
+                            best, best_index = score, pool_index_of_row[other]
             if best > threshold:
-                results.append(Decision(text, False, best, self._texts[best_index], best_index, False))
+                similar = pool_texts[best_index] if best_index < pool_size else new_texts[best_index - pool_size]
+                results.append(Decision(text, False, best, similar, best_index, False))
                 block[row + 1 :, row] = -1.0  # later rows do not see a rejected one
                 pool_index_of_row.append(-1)
                 continue
-            index = self._append(text, ids, is_reference=False, code=codes[row])
-            pool_index_of_row.append(index)
-            kept_any = True
+            pool_index_of_row.append(pool_size + len(new_texts))
+            new_texts.append(text)
+            new_codes.append(code)
+            kept_rows += 1
             if best > 0.0:
-                results.append(Decision(text, True, best, self._texts[best_index], best_index, False))
+                similar = pool_texts[best_index] if best_index < pool_size else new_texts[best_index - pool_size]
+                results.append(Decision(text, True, best, similar, best_index, False))
             else:
                 results.append(Decision(text, True, 0.0, None, None, False))
+        self._extend_pool(new_texts, new_codes)
         return results
 
     def _offer_indexed(self, texts: list[str]) -> list[Decision]:
         """Large pool: prefix-filter probes decide; kept candidates get their exact maximum after."""
         results: list[Decision | None] = []
         to_score: list[tuple[int, int]] = []  # (position in results, pool index) of kept texts
-        for text in texts:
-            ids = self._token_ids(text)
-            if not ids:
+        for text, code in zip(texts, self._encode(texts)):
+            if not code:
                 # Scores 0 against everything, so it is always kept; it still takes a pool slot,
                 # as it does in the reference implementations.
-                index = self._append(text, ids, is_reference=False)
+                index = self._append(text, code, is_reference=False)
                 results.append(Decision(text, True, 0.0, None, None, True))
                 continue
-            code = self._code(ids)
-            best, best_index = self._probe(ids, code)
+            best, best_index = self._probe(_points(code), code)
             if best > self.threshold:
                 results.append(Decision(text, False, best, self._texts[best_index], best_index, False))
                 continue
-            index = self._append(text, ids, is_reference=False, code=code)
+            index = self._append(text, code, is_reference=False)
             results.append(None)
             to_score.append((len(results) - 1, index))
         for start in range(0, len(to_score), _EXACT_BLOCK):
@@ -360,53 +379,61 @@ class RougeLFilter:
         if len(pool) != len(flags):
             raise ValueError("RougeLFilter state: 'pool' and 'is_reference' differ in length")
         engine = cls(state["threshold"], state["tokenizer"], state["stemming"], workers=workers)
-        for text, flag in zip(pool, flags):
-            engine._append(text, engine._token_ids(text), is_reference=bool(flag))
+        for text, code, flag in zip(pool, engine._encode(pool), flags):
+            engine._append(text, code, is_reference=bool(flag))
         return engine
 
     # ----------------------------------------------------------------- internals
-    def _token_ids(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"texts must be str, got {type(text).__name__}: {text!r}")
-        tokens = self._tokenize(text)
-        vocab = self._vocab
+    def _encode(self, texts: list[str]) -> list[str | list[int]]:
+        """Each text as its tokens' code points: a string of one character per token.
+
+        Tokens map straight to their character (no list of ids in between), and a block whose
+        tokens are all known is encoded by C-level maps alone: no Python frame per token.
+        """
         try:
-            return list(map(vocab.__getitem__, tokens))  # map over a C method: no Python frame per token
-        except KeyError:  # new words: give them ids
-            ids = []
-            for token in tokens:
-                token_id = vocab.get(token)
-                ids.append(self._new_token(token) if token_id is None else token_id)
-            return ids
-
-    def _new_token(self, token: str) -> int:
-        token_id = len(self._vocab)
-        self._vocab[token] = token_id
-        point = _codepoint(token_id)
-        self._chars.append(chr(point) if point <= _MAX_CODEPOINT else None)
-        self._rank.append(token_id)  # unseen in the pool: document frequency 0
-        return token_id
-
-    def _code(self, ids: list[int]) -> str | list[int]:
+            token_lists = self._tokenize_batch(texts)
+        except (AttributeError, TypeError):
+            for text in texts:
+                if not isinstance(text, str):
+                    raise TypeError(f"texts must be str, got {type(text).__name__}: {text!r}") from None
+            raise
         chars = self._chars
+        lookup = chars.__getitem__
         try:
-            return "".join(map(chars.__getitem__, ids))  # type: ignore[arg-type]
+            return list(map("".join, map(map, repeat(lookup), token_lists)))
+        except (KeyError, TypeError):  # new words, or a code past the Unicode range (an int)
+            pass
+        # New words get code points, the most frequent first: rapidfuzz looks code points below
+        # 256 up in a table, the others in a hash map, so frequent words should get the small
+        # ones (the first items, the seeds, show which).
+        counts = Counter(chain.from_iterable(token_lists))
+        for token in sorted(counts.keys() - chars.keys(), key=lambda t: (-counts[t], t)):
+            self._new_token(token)
+        try:
+            return list(map("".join, map(map, repeat(lookup), token_lists)))
         except TypeError:  # a vocabulary past ~1.1M tokens: rapidfuzz also takes int sequences
-            return [_codepoint(i) for i in ids]
+            return [[_point(chars[token]) for token in tokens] for tokens in token_lists]
+
+    def _new_token(self, token: str) -> None:
+        point = _codepoint(len(self._chars))
+        rank = self._rank
+        while len(rank) < point:  # the skipped surrogate block: never used
+            rank.append(len(rank))
+        rank.append(point)  # unseen in the pool: document frequency 0
+        self._chars[token] = chr(point) if point <= _MAX_CODEPOINT else point
 
     def _prefix_len(self, length: int) -> int:
         return length - (math.floor(length * self._ratio) + 1) + 1
 
-    def _append(self, text: str, ids: list[int], is_reference: bool, code: str | list[int] | None = None) -> int:
+    def _append(self, text: str, code: str | list[int], is_reference: bool) -> int:
         index = len(self._texts)
         self._texts.append(text)
         self._is_reference.append(is_reference)
-        self._ids.append(ids)
-        self._codes.append(self._code(ids) if code is None else code)
-        self._lens.append(len(ids))
+        self._codes.append(code)
+        self._lens.append(len(code))
         if index >= len(self._len_array):
             self._len_array = np.concatenate([self._len_array, np.zeros_like(self._len_array)])
-        self._len_array[index] = len(ids)
+        self._len_array[index] = len(code)
         if not self._indexed:  # small pools are scanned whole; the index is built when needed
             return index
         if index + 1 >= max(_FIRST_REBUILD, 2 * self._built_at):
@@ -415,9 +442,21 @@ class RougeLFilter:
             self._index(index)
         return index
 
+    def _extend_pool(self, texts: list[str], codes: list[str | list[int]]) -> None:
+        """Append kept items in one go (the small-pool scan: no index to maintain)."""
+        start = len(self._texts)
+        self._texts.extend(texts)
+        self._is_reference.extend([False] * len(texts))
+        self._codes.extend(codes)
+        lens = list(map(len, codes))
+        self._lens.extend(lens)
+        while start + len(lens) > len(self._len_array):
+            self._len_array = np.concatenate([self._len_array, np.zeros_like(self._len_array)])
+        self._len_array[start : start + len(lens)] = lens
+
     def _index(self, index: int) -> None:
         """Index the prefix of pool item `index`: token -> r (tokens from it to the end) -> items."""
-        ids = self._ids[index]
+        ids = _points(self._codes[index])
         if not ids:
             return
         n = len(ids)
@@ -450,11 +489,11 @@ class RougeLFilter:
 
     def _rebuild(self) -> None:
         """Re-rank tokens by current document frequency (rarest first) and re-index every prefix."""
-        df = [0] * len(self._vocab)  # token id -> number of pool items holding it
-        for ids in self._ids:
-            for token_id in set(ids):
-                df[token_id] += 1
-        self._rank = [count * _RANK_SCALE + token_id for token_id, count in enumerate(df)]
+        df = [0] * len(self._rank)  # code point -> number of pool items holding it
+        for code in self._codes:
+            for point in set(_points(code)):
+                df[point] += 1
+        self._rank = [count * _RANK_SCALE + point for point, count in enumerate(df)]
         self._postings = {}
         for index in range(len(self._texts)):
             self._index(index)

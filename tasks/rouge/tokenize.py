@@ -12,6 +12,13 @@ Two tokenizers:
   per character; Korean (Hangul) words stay whole. Stemming, when on, applies to tokens of a-z
   only, with the same rule as ``rouge``.
 
+``make_batch_tokenizer`` tokenizes a list of texts at once, with the same tokens as
+``make_tokenizer``; for ``rouge`` without stemming it lower-cases the whole list joined by NUL
+characters in one call and, when the result is ASCII (the usual case), maps every character outside
+a-z, 0-9 and NUL to a space with one ``str.translate`` (CPython's fast ASCII path) before splitting:
+several times faster than a regular expression per text. A text holding a NUL, or a list with
+anything else than ASCII after lower-casing, goes through the per-text tokenizer.
+
 Run ``python -m tasks.rouge.tokenize "Some text"`` to print the tokens of a text.
 """
 
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 TokenizerName = Literal["rouge", "unicode"]
 TOKENIZERS: tuple[str, ...] = ("rouge", "unicode")
@@ -27,6 +34,11 @@ TOKENIZERS: tuple[str, ...] = ("rouge", "unicode")
 # rouge-score replaces [^a-z0-9]+ by a space and splits; findall on the complement is the same.
 _ROUGE_TOKEN_RE = re.compile(r"[a-z0-9]+")
 _VALID_TOKEN_RE = re.compile(r"^[a-z0-9]+$")
+# The same rule for ASCII text as a translation table: every character outside a-z, 0-9 becomes a
+# space, except NUL, which separates the texts of a batch.
+_ASCII_SEPARATORS = {
+    code: " " for code in range(1, 128) if not ("a" <= chr(code) <= "z" or "0" <= chr(code) <= "9")
+}
 
 # Scripts written without spaces between words: one token per character.
 _PER_CHAR_RANGES = (
@@ -100,6 +112,30 @@ def make_tokenizer(name: str = "rouge", stemming: bool = False) -> Callable[[str
             stemmer(t) if len(t) > 3 and ascii_word(t) else t for t in findall(text.lower())
         ]
     return tokenize_unicode_stemmed
+
+
+def make_batch_tokenizer(name: str = "rouge", stemming: bool = False) -> Callable[[Sequence[str]], list[list[str]]]:
+    """Return a function texts -> one token list per text, the tokens of `make_tokenizer`."""
+    tokenize_one = make_tokenizer(name, stemming)
+    if name != "rouge" or stemming:
+        def tokenize_each(texts: Sequence[str]) -> list[list[str]]:
+            return list(map(tokenize_one, texts))
+        return tokenize_each
+
+    def tokenize_batch(texts: Sequence[str]) -> list[list[str]]:
+        try:
+            # str.lower maps character by character (the one context rule, final sigma, only
+            # chooses between two non-ASCII letters), so lowering the joined texts is lowering
+            # each one; a non-str item fails the join and gets its own error below.
+            joined = "\x00".join(texts).lower()
+        except TypeError:
+            return list(map(tokenize_one, texts))
+        if joined.isascii():
+            parts = joined.translate(_ASCII_SEPARATORS).split("\x00")
+            if len(parts) == len(texts):  # else a text holds a NUL itself
+                return list(map(str.split, parts))
+        return list(map(tokenize_one, texts))
+    return tokenize_batch
 
 
 def tokenize(text: str, name: str = "rouge", stemming: bool = False) -> list[str]:

@@ -261,3 +261,12 @@ def test_long_texts_decide_as_rouge_score(strategy) -> None:
     candidates = [variant(base, 100), " ".join(rng.choice(words) for _ in range(20)), variant(base, 3),
                   " ".join(base[:258])]
     _check_against_reference(references, candidates, 0.7, batch=3)
+
+
+def test_vocabulary_past_the_code_point_range_decides_as_rouge_score(strategy, monkeypatch) -> None:
+    # Past ~1.1M distinct tokens, codes become lists of ints (a string cannot hold them); pretend
+    # the range ends after 12 tokens so that pools mix both kinds of codes.
+    monkeypatch.setattr(engine_module, "_MAX_CODEPOINT", 12)
+    stream = _realistic_stream(300)
+    _check_against_reference(stream[:10], stream[10:], 0.7, batch=64)
+    _check_against_reference([], [" ".join(WORDS), " ".join(reversed(WORDS)), "x1 42 poem", "a b c d e"], 0.5, batch=2)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import tokenizers
 
-from tasks.rouge.tokenize import make_tokenizer, tokenize
+from tasks.rouge.tokenize import make_batch_tokenizer, make_tokenizer, tokenize
 
 TRICKY = [
     "",
@@ -59,3 +59,32 @@ def test_unicode_tokenizer_stems_only_ascii_words() -> None:
 def test_unknown_tokenizer_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown tokenizer 'spacy'"):
         make_tokenizer("spacy")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(alphabet=st.characters(codec="utf-8"), max_size=30),
+            st.text(alphabet="aB3 .,!\x00\t_-\x1c", max_size=30),  # ASCII: the joined fast path
+        ),
+        max_size=8,
+    ),
+    st.sampled_from(["rouge", "unicode"]),
+    st.booleans(),
+)
+def test_batch_tokenizer_gives_each_text_its_own_tokens(texts: list[str], name: str, stemming: bool) -> None:
+    # The rouge fast path lowers and splits the texts joined by NUL: a text holding a NUL, or
+    # a non-ASCII one, must still get exactly the per-text tokens.
+    expected = [make_tokenizer(name, stemming)(text) for text in texts]
+    assert make_batch_tokenizer(name, stemming)(texts) == expected
+    if name == "rouge":
+        assert expected == [tokenizers.DefaultTokenizer(use_stemmer=stemming).tokenize(t) for t in texts]
+
+
+def test_batch_tokenizer_ascii_block_and_non_str() -> None:
+    batch = make_batch_tokenizer()
+    assert batch(["Write a POEM!", "", "x_y\tz", "42 is 42."]) == [["write", "a", "poem"], [], ["x", "y", "z"], ["42", "is", "42"]]
+    assert batch([]) == []
+    with pytest.raises(AttributeError):
+        batch(["fine", None])  # type: ignore[list-item]
