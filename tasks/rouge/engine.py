@@ -60,10 +60,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from rapidfuzz import process
@@ -99,9 +98,22 @@ _VERIFY_CHUNK = 32
 _MAX_CODEPOINT = 0x10FFFF
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The filter's verdict on one candidate."""
+class _TokenCodes(dict):
+    """token -> its code (one character, or an int past the Unicode range); unseen tokens get one."""
+
+    __slots__ = ("_assign",)
+
+    def __init__(self, assign) -> None:
+        super().__init__()
+        self._assign = assign  # RougeLFilter._new_token: picks the next code point and stores it
+
+    def __missing__(self, token: str) -> str | int:
+        self._assign(token)
+        return dict.__getitem__(self, token)
+
+
+class Decision(NamedTuple):
+    """The filter's verdict on one candidate (an immutable record; built by the million, so a tuple)."""
 
     text: str
     kept: bool
@@ -180,7 +192,7 @@ class RougeLFilter:
         self._least_lcs: dict[int, list[int]] = {}  # m -> n -> least LCS scoring above t
 
         # token -> its code: one character (the code point), or the int itself past the Unicode range
-        self._chars: dict[str, str | int] = {}
+        self._chars: dict[str, str | int] = _TokenCodes(self._new_token)
         self._rank: list[int] = []  # code point -> position in the global order (frozen between rebuilds)
 
         self._texts: list[str] = []  # pool, in pool order
@@ -398,17 +410,16 @@ class RougeLFilter:
                     raise TypeError(f"texts must be str, got {type(text).__name__}: {text!r}") from None
             raise
         chars = self._chars
+        if len(chars) < 256:
+            # The first texts (the references, usually) hand out the code points below 256:
+            # rapidfuzz looks those up in a table and the others in a hash map, so the most
+            # frequent words should get them.
+            counts = Counter(chain.from_iterable(token_lists))
+            for token in sorted(counts.keys() - chars.keys(), key=lambda t: (-counts[t], t)):
+                self._new_token(token)
+        # C-level maps alone, no Python frame per token; an unseen token gets the next code point
+        # on its first lookup (`_TokenCodes.__missing__`).
         lookup = chars.__getitem__
-        try:
-            return list(map("".join, map(map, repeat(lookup), token_lists)))
-        except (KeyError, TypeError):  # new words, or a code past the Unicode range (an int)
-            pass
-        # New words get code points, the most frequent first: rapidfuzz looks code points below
-        # 256 up in a table, the others in a hash map, so frequent words should get the small
-        # ones (the first items, the seeds, show which).
-        counts = Counter(chain.from_iterable(token_lists))
-        for token in sorted(counts.keys() - chars.keys(), key=lambda t: (-counts[t], t)):
-            self._new_token(token)
         try:
             return list(map("".join, map(map, repeat(lookup), token_lists)))
         except TypeError:  # a vocabulary past ~1.1M tokens: rapidfuzz also takes int sequences
