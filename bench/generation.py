@@ -6,8 +6,11 @@
     (the project tokenizer trained on a few sentences + the "tiny" preset) or on --model.
 (2) OpenAIGenerator throughput with 1 vs 16 requests in flight against server.py serving that model
     with --latency-ms added to every request (as a remote endpoint's network and queueing would).
-Both are printed as ratios. Greedy decoding with no stop, so every run generates the same tokens.
-Takes well under two minutes on one CPU thread.
+(3) The self-instruct flow's fan-out: its `generate-shard` task on a local Dask cluster of 1 vs 2
+    worker processes (prefect-dask), each worker holding --worker-in-flight requests in flight
+    against the same latency-bound endpoint (a per-client rate limit, say). Requests/s as a ratio.
+All three are printed as ratios. Greedy decoding with no stop, so every run generates the same tokens.
+Takes about two minutes on two cores (part 3 starts two Dask clusters and the embedded Prefect).
 """
 
 from __future__ import annotations
@@ -71,6 +74,37 @@ def endpoint_requests_per_s(url: str, batch: list[str], params: DecodingParams, 
     return len(out) / elapsed
 
 
+def dask_requests_per_s(url: str, workers: int, shards: int, per_shard: int, tokens: int, in_flight: int) -> float:
+    """Requests/s of self-instruct bootstrap shards on a local Dask cluster of `workers` processes."""
+    from prefect import flow
+
+    from tasks.generation.config import GeneratorConfig
+    from tasks.runners import TaskRunnerConfig, task_runner
+    from tasks.self_instruct.pipeline import SelfInstructConfig
+    from tasks.self_instruct.steps import shard_step
+
+    config = SelfInstructConfig(generator=GeneratorConfig(backend="openai", base_url=url, model="bench", max_concurrency=in_flight))
+    decoding = DecodingParams(strategy="greedy", max_new_tokens=tokens).model_dump(mode="json")
+    pool = TEXTS  # the ROUGE-L pool each shard scores its candidates against
+
+    def submit(runner, number: int):
+        requests = [{"request_idx": i, "prompt": text, "prompt_seed_ids": []} for i, text in enumerate(prompts(per_shard))]
+        return runner.submit(shard_step, parameters={"config": config, "stage": "bootstrap", "index": 1, "shard": number,
+                                                     "requests": requests, "decoding": decoding, "pool": pool})
+
+    @flow(name="bench-dask-shards", log_prints=False)
+    def measure() -> float:
+        with task_runner(TaskRunnerConfig(runner="dask", workers=workers)) as runner:
+            for future in [submit(runner, -n) for n in range(2 * workers)]:  # warm-up: imports, clients
+                future.result()
+            start = time.perf_counter()
+            for future in [submit(runner, n) for n in range(shards)]:
+                future.result()
+            return time.perf_counter() - start
+
+    return shards * per_shard / measure()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="an HF model folder (default: build a tiny one)")
@@ -79,6 +113,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="latency the server adds to every request")
     parser.add_argument("--endpoint-tokens", type=int, default=4, help="tokens per request (endpoint part)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
+    parser.add_argument("--shards", type=int, default=8, help="shards per Dask measurement (part 3)")
+    parser.add_argument("--worker-in-flight", type=int, default=2, help="requests in flight per Dask worker (part 3)")
+    parser.add_argument("--shard-latency-ms", type=float, default=250.0, help="latency the server adds per request (part 3)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
@@ -108,6 +145,18 @@ def main() -> None:
         print(f"    1 request in flight:   {one:8.1f} requests/s")
         print(f"    16 requests in flight: {many:8.1f} requests/s (server saw at most {server.stats['max_concurrent']})")
         print(f"    16 / 1 in flight = {many / one:.2f}x")
+
+        server = OpenAICompatServer(generator, latency_s=args.shard_latency_ms / 1000, model_name="bench")
+        url = server.start()
+        try:
+            rates = {n: dask_requests_per_s(url, n, args.shards, 8, args.endpoint_tokens, args.worker_in_flight) for n in (1, 2)}
+        finally:
+            server.stop()
+        print(f"(3) self-instruct shards on Dask, {args.shards} shards x 8 requests, {args.worker_in_flight} in flight per worker, "
+              f"+{args.shard_latency_ms:.0f} ms/request")
+        print(f"    1 worker:  {rates[1]:8.1f} requests/s")
+        print(f"    2 workers: {rates[2]:8.1f} requests/s")
+        print(f"    2 / 1 workers = {rates[2] / rates[1]:.2f}x")
         generator.close()
 
 

@@ -17,6 +17,7 @@ machine"). Results never depend on the runner: what a task computes is fixed by 
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator, Literal
 
@@ -59,9 +60,11 @@ def build_task_runner(config: TaskRunnerConfig) -> TaskRunner:
         if config.runner_address:
             return DaskTaskRunner(address=config.runner_address)
         # One thread per worker process: the generators are CPU-heavy Python and torch, so more
-        # threads in a process only contend for the GIL and the cores. No dashboard port to clash.
+        # threads in a process only contend for the GIL and the cores. The dashboard takes a free
+        # port (two runs at once must not clash), and the scheduler's chatter stays out of the run log.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+                                              "processes": True, "dashboard_address": ":0"})
     try:
         from prefect_ray import RayTaskRunner
     except ImportError as error:
