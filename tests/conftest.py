@@ -93,3 +93,20 @@ def demo_base_model() -> Path:
         return Registry(root).resolve("model", "base").path
     finally:
         os.environ["ALIGNFLOW_HOME"] = previous
+
+
+def realistic_instructions(n: int, seed: int = 11) -> list[str]:
+    """bench/rouge_filter.py's seeded stream: fresh instructions, near-duplicates and recombinations."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "rouge_filter.py"
+    spec = importlib.util.spec_from_file_location("bench_rouge_filter", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_stream(n, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def instruction_stream():
+    """`realistic_instructions` as a fixture: call it with (n, seed)."""
+    return realistic_instructions

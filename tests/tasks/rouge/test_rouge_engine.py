@@ -7,10 +7,8 @@ every (candidate, pool item) pair, greedily in order, as Self-Instruct and Alpac
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -163,8 +161,8 @@ def test_unicode_tokenizer_filters_korean_near_duplicates(strategy) -> None:
     assert [d.kept for d in unicode.offer(texts)] == [True, False, False, True, True]
 
 
-def test_state_dict_round_trip_decides_the_same(strategy) -> None:
-    stream = _realistic_stream(600)
+def test_state_dict_round_trip_decides_the_same(strategy, instruction_stream) -> None:
+    stream = instruction_stream(600)
     whole = RougeLFilter(0.7)
     whole.add_references(stream[:20])
     expected = whole.offer(stream[20:])
@@ -191,17 +189,9 @@ def test_decision_is_frozen() -> None:
         decision.kept = False  # type: ignore[misc]
 
 
-def _realistic_stream(n: int) -> list[str]:
-    path = Path(__file__).resolve().parents[3] / "bench" / "rouge_filter.py"
-    spec = importlib.util.spec_from_file_location("bench_rouge_filter", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_stream(n, seed=11)
-
-
-def test_realistic_instructions_decide_as_rouge_score(strategy) -> None:
+def test_realistic_instructions_decide_as_rouge_score(strategy, instruction_stream) -> None:
     """A few thousand generated instructions (near-duplicates and recombinations included)."""
-    stream = _realistic_stream(2100)
+    stream = instruction_stream(2100)
     references, candidates = stream[:100], stream[100:]
     engine = RougeLFilter(0.7)
     engine.add_references(references)
@@ -263,10 +253,10 @@ def test_long_texts_decide_as_rouge_score(strategy) -> None:
     _check_against_reference(references, candidates, 0.7, batch=3)
 
 
-def test_vocabulary_past_the_code_point_range_decides_as_rouge_score(strategy, monkeypatch) -> None:
+def test_vocabulary_past_the_code_point_range_decides_as_rouge_score(strategy, monkeypatch, instruction_stream) -> None:
     # Past ~1.1M distinct tokens, codes become lists of ints (a string cannot hold them); pretend
     # the range ends after 12 tokens so that pools mix both kinds of codes.
     monkeypatch.setattr(engine_module, "_MAX_CODEPOINT", 12)
-    stream = _realistic_stream(300)
+    stream = instruction_stream(300)
     _check_against_reference(stream[:10], stream[10:], 0.7, batch=64)
     _check_against_reference([], [" ".join(WORDS), " ".join(reversed(WORDS)), "x1 42 poem", "a b c d e"], 0.5, batch=2)

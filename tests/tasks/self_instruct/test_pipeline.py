@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from tasks.rouge.engine import RougeLFilter
 from tasks.rouge.nearest import nearest
 from tasks.self_instruct.pipeline import SelfInstructConfig, _decide_in_order
-
-
-def _stream(n: int) -> list[str]:
-    path = Path(__file__).resolve().parents[3] / "bench" / "rouge_filter.py"
-    spec = importlib.util.spec_from_file_location("bench_rouge_filter", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_stream(n, seed=5)
 
 
 def _row(text: str) -> dict:
     return {"candidate": text, "reason": None, "kept": False, "max_rouge_l": None, "most_similar": None}
 
 
-def test_sharded_batches_decide_exactly_as_one_sequential_filter() -> None:
+def test_sharded_batches_decide_exactly_as_one_sequential_filter(instruction_stream) -> None:
     """Three batches of 120 candidates in shards of 7: every decision, score and neighbour equals the greedy filter's."""
     config = SelfInstructConfig()
-    stream = _stream(400)
+    stream = instruction_stream(400, seed=5)
     seeds, candidates = stream[:40], stream[40:400]
     sequential = RougeLFilter(threshold=config.rouge_threshold)
     sequential.add_references(seeds)
