@@ -6,7 +6,7 @@ out; everything else in the flow runs as before. The same config is a form in th
     TaskRunnerConfig()                                          # threads in the flow's process
     TaskRunnerConfig(runner="dask", workers=4)                  # a local Dask cluster of 4 processes
     TaskRunnerConfig(runner="dask", runner_address="tcp://10.0.0.5:8786")   # an existing scheduler
-    TaskRunnerConfig(runner="ray", runner_address="ray://10.0.0.5:10001")   # an existing Ray cluster
+    TaskRunnerConfig(runner="ray", runner_address="ray://10.0.0.5:10001")   # an existing Ray cluster (extra: .[ray])
 
 On the command line: `--runner dask --workers 4`, `--runner-address tcp://10.0.0.5:8786`.
 

@@ -163,22 +163,28 @@ def test_korean_run_keeps_hangul_instructions(registry_root, demo_base_model):
     assert version.manifest.config["language"] == "ko"
 
 
-def test_dask_runner_with_two_workers_gives_the_default_runners_dataset(tmp_path, monkeypatch, demo_base_model):
-    """Shards generate on two Dask worker processes; the committed dataset is the threads run's, row for row."""
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_cluster_runner_with_two_workers_gives_the_default_runners_dataset(runner, tmp_path, monkeypatch, demo_base_model):
+    """Shards generate on two worker processes; the committed dataset is the threads run's, row for row.
+
+    Ray runs only where the optional extra is installed (`pip install -e '.[ray]'`).
+    """
     from tasks.runners import TaskRunnerConfig
 
+    if runner == "ray":
+        pytest.importorskip("prefect_ray")
     config = small_config(demo_base_model, num_instructions=24, max_requests=24, requests_per_batch=8, shard_size=4)
     refs = {}
-    for runner in ("threads", "dask"):
-        monkeypatch.setenv("ALIGNFLOW_HOME", str(tmp_path / runner))  # separate work folders: no resume across runs
-        refs[runner] = self_instruct(config.model_copy(update={"task_runner": TaskRunnerConfig(runner=runner, workers=2)}))
+    for name in ("threads", runner):
+        monkeypatch.setenv("ALIGNFLOW_HOME", str(tmp_path / name))  # separate work folders: no resume across runs
+        refs[name] = self_instruct(config.model_copy(update={"task_runner": TaskRunnerConfig(runner=name, workers=2)}))
     _, threads_tables = read_version_at(tmp_path / "threads", refs["threads"])
-    dask_version, dask_tables = read_version_at(tmp_path / "dask", refs["dask"])
-    assert dask_version.manifest.config["task_runner"]["runner"] == "dask"
-    machine = [r for r in dask_tables["instructions"].to_pylist() if r["origin"] == "machine"]
-    assert machine and dask_tables["rejected"].num_rows > 0
+    version, tables = read_version_at(tmp_path / runner, refs[runner])
+    assert version.manifest.config["task_runner"]["runner"] == runner
+    machine = [r for r in tables["instructions"].to_pylist() if r["origin"] == "machine"]
+    assert machine and tables["rejected"].num_rows > 0
     for name in ("instructions", "instances", "rejected", "sft"):
-        assert dask_tables[name].to_pylist() == threads_tables[name].to_pylist(), name
+        assert tables[name].to_pylist() == threads_tables[name].to_pylist(), name
 
 
 def read_version_at(root: Path, ref: str):
