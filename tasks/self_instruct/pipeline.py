@@ -202,13 +202,6 @@ def commit_batch(config: SelfInstructConfig, work: Path, plan: dict[str, Any], s
     return state
 
 
-def run_batch(config: SelfInstructConfig, seeds: list[SeedTask], generator: Generator, work: Path) -> dict[str, Any]:
-    """One whole batch in this process (plan, every shard in order, commit): the sequential reference."""
-    plan = plan_batch(config, seeds, work)
-    rows = [run_shard(config, generator, plan["stage"], shard, plan["decoding"], plan["pool"]) for shard in plan["shards"]]
-    return commit_batch(config, work, plan, rows)
-
-
 # ---- stage 1: bootstrap ------------------------------------------------------------------------
 
 
