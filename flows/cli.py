@@ -254,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", EXTRA_LOGGERS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dedup"]:
+        # The ROUGE-L filter needs none of the flows: importing their configs (Prefect, torch,
+        # transformers) would add seconds of start-up to a command that runs in seconds.
+        from tasks.rouge.cli import main as dedup_main
+
+        return dedup_main(argv, prog="alignflow")
     from storage.registry import RegistryError
 
     parser = build_parser()

@@ -48,3 +48,25 @@ def test_pipeline_options_build_without_ambiguity():
 def test_invalid_value_is_refused_with_the_field_name(capsys):
     assert main(["self-instruct", "--rouge-threshold", "1.5"]) == 2
     assert "rouge_threshold" in capsys.readouterr().err
+
+
+def test_dedup_runs_without_importing_the_flows(tmp_path):
+    """`alignflow dedup` goes straight to the ROUGE-L filter: no torch, transformers or Prefect at start-up."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "instructions.jsonl"
+    source.write_text("".join(json.dumps({"instruction": text}) + "\n" for text in
+                              ["Write a poem about the sea.", "Write a poem about the sea!", "List three prime numbers."]))
+    output = tmp_path / "kept.parquet"
+    script = ("import sys; from flows.cli import main; "
+              f"rc = main(['dedup', '--input', {str(source)!r}, '--column', 'instruction', '--output', {str(output)!r}, '--no-progress']); "
+              "print(rc, sorted(m for m in ('torch', 'transformers', 'prefect') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
+    assert pq.read_table(output).column("instruction").to_pylist() == ["Write a poem about the sea.", "List three prime numbers."]
