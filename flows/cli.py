@@ -13,6 +13,7 @@ not `--training.max-steps`), and every option's help is the field's description.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import types
@@ -202,31 +203,35 @@ def run_registry(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tasks.pretrain.steps import PretrainConfig
-    from tasks.align.steps import AlignConfig
-    from tasks.self_instruct.pipeline import SelfInstructConfig
+# Flow commands: (the config class they build, their help line, what runs them). Config classes
+# import Prefect, torch and transformers, so a command imports only its own (see build_parser).
+FLOW_COMMANDS: dict[str, tuple[str, str, Any]] = {
+    "pretrain": ("tasks.pretrain.steps:PretrainConfig", "Clean a corpus, train a tokenizer and pretrain a base model.", run_pretrain),
+    "self-instruct": ("tasks.self_instruct.pipeline:SelfInstructConfig", "Bootstrap an instruction dataset from seed tasks.", run_self_instruct),
+    "align": ("tasks.align.steps:AlignConfig", "SFT, preference pairs, reward model, PPO and evaluation.", run_align),
+    "pipeline": ("flows.pipeline:PipelineConfig", "pretrain -> self-instruct -> align, end to end.", run_pipeline),
+}
 
+
+def config_class(path: str) -> type[BaseModel]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `alignflow` parser. With `only`, flow commands other than that one get their help line
+    but no options, so `alignflow dedup` or `alignflow models list` start without importing the flows."""
     parser = argparse.ArgumentParser(prog="alignflow", description="From a corpus and a few seed tasks to an aligned language model, on Prefect.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pretrain = commands.add_parser("pretrain", help="Clean a corpus, train a tokenizer and pretrain a base model.", description=PretrainConfig.__doc__)
-    add_model_arguments(pretrain, PretrainConfig)
-    pretrain.set_defaults(func=run_pretrain)
-
-    instruct = commands.add_parser("self-instruct", help="Bootstrap an instruction dataset from seed tasks.", description=SelfInstructConfig.__doc__)
-    add_model_arguments(instruct, SelfInstructConfig)
-    instruct.set_defaults(func=run_self_instruct)
-
-    align = commands.add_parser("align", help="SFT, preference pairs, reward model, PPO and evaluation.", description=AlignConfig.__doc__)
-    add_model_arguments(align, AlignConfig)
-    align.set_defaults(func=run_align)
-
-    from flows.pipeline import PipelineConfig
-
-    everything = commands.add_parser("pipeline", help="pretrain -> self-instruct -> align, end to end.", description=PipelineConfig.__doc__)
-    add_model_arguments(everything, PipelineConfig)
-    everything.set_defaults(func=run_pipeline)
+    for name, (path, help_text, run) in FLOW_COMMANDS.items():
+        if only is None or only == name:
+            model = config_class(path)
+            command = commands.add_parser(name, help=help_text, description=model.__doc__)
+            add_model_arguments(command, model)
+        else:
+            command = commands.add_parser(name, help=help_text)
+        command.set_defaults(func=run)
 
     for kind in ("dataset", "model"):
         group = commands.add_parser(f"{kind}s", help=f"List or show registered {kind}s.")
@@ -255,15 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", EXTRA_LOGGERS)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["dedup"]:
-        # The ROUGE-L filter needs none of the flows: importing their configs (Prefect, torch,
-        # transformers) would add seconds of start-up to a command that runs in seconds.
-        from tasks.rouge.cli import main as dedup_main
-
-        return dedup_main(argv, prog="alignflow")
     from storage.registry import RegistryError
 
-    parser = build_parser()
+    parser = build_parser(only=argv[0] if argv else "")
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
