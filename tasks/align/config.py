@@ -28,6 +28,15 @@ class LoraOptions(BaseModel):
         "except the output head.",
     )
 
+    def peft_config(self, task_type: str):
+        """peft's LoraConfig for a model of `task_type` (CAUSAL_LM, SEQ_CLS); None when LoRA is off."""
+        if not self.enabled:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type=task_type)
+
 
 class SplitOptions(BaseModel):
     """How the instruction data is split into train and held-out parts (by a hash of the prompt)."""

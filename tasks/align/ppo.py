@@ -268,19 +268,6 @@ def check_reward_reading(reward_model, tokenizer, prompt: str, response: str = "
     return {"trained": trained, "ppo": read}
 
 
-def lora_config(options: LoraOptions):
-    """A peft LoraConfig for the policy from our LoRA options."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=options.r,
-        lora_alpha=options.alpha,
-        lora_dropout=options.dropout,
-        target_modules=options.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
 # ---------------------------------------------------------------------------------------------------
 # Deterministic batches and checkpoints
 
@@ -572,7 +559,7 @@ class PPORun:
                 reward_model=reward_model,
                 train_dataset=dataset,
                 value_model=value_model,
-                peft_config=lora_config(options.lora) if options.lora.enabled else None,
+                peft_config=options.lora.peft_config("CAUSAL_LM"),
             )
         dtype_note = "fp32 weights, bf16 autocast" if config.bf16 else "fp32"
         self.device = str(self.trainer.accelerator.device)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from transformers import TrainerCallback
 
 from tasks.align.config import RewardOptions
-from tasks.align.devices import torch_device, training_device_kwargs
+from tasks.align.devices import torch_device
 from tasks.align.preferences import load_preference_file
 from tasks.align.sft import (
     AlignError,
@@ -32,9 +32,9 @@ from tasks.align.sft import (
     guard_checkpoint_dir,
     latest_checkpoint,
     load_tokenizer,
-    lora_config,
     loss_curve,
     quiet_progress_bars,
+    trainer_arguments,
 )
 
 Log = Callable[[str], None]
@@ -143,23 +143,9 @@ def build_reward_trainer(
     from trl import RewardConfig, RewardTrainer
 
     config = RewardConfig(
-        output_dir=str(checkpoint_dir),
-        max_steps=options.max_steps,
-        learning_rate=options.learning_rate,
-        per_device_train_batch_size=options.per_device_train_batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        max_length=options.max_length,
+        **trainer_arguments(options, checkpoint_dir),
         center_rewards_coefficient=options.center_rewards_coefficient,
-        warmup_steps=options.warmup_steps,
-        logging_steps=options.logging_steps,
         eval_strategy="no",
-        save_strategy="steps",
-        save_steps=options.save_steps,
-        save_total_limit=options.save_total_limit,
-        seed=options.seed,
-        data_seed=options.seed,
-        logging_nan_inf_filter=False,
-        **training_device_kwargs(),
     )
     quiet_progress_bars()
     trainer = RewardTrainer(
@@ -167,7 +153,7 @@ def build_reward_trainer(
         args=config,
         train_dataset=preference_dataset(train_table),
         processing_class=tokenizer,
-        peft_config=lora_config(options.lora, "SEQ_CLS") if options.lora.enabled else None,
+        peft_config=options.lora.peft_config("SEQ_CLS"),
         callbacks=callbacks,
     )
     drop_printer(trainer)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 from transformers import TrainerCallback
 
-from tasks.align.config import LoraOptions, SFTOptions
+from tasks.align.config import RewardOptions, SFTOptions
 from tasks.align.data import load_sft_table, normalize_sft_table, to_prompt_completion_dataset
 from tasks.align.devices import torch_device, training_device_kwargs
 
@@ -170,15 +170,25 @@ def guard_checkpoint_dir(checkpoint_dir: Path, stage: str, options: Any) -> None
         record.write_text(json.dumps(current, indent=2))
 
 
-def lora_config(lora: LoraOptions, task_type: str):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
+def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path) -> dict[str, Any]:
+    """The TrainingArguments that SFT and the reward model share (steps, batches, schedule, checkpoints, seeds)."""
+    return dict(
+        output_dir=str(checkpoint_dir),
+        max_steps=options.max_steps,
+        learning_rate=options.learning_rate,
+        per_device_train_batch_size=options.per_device_train_batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        max_length=options.max_length,
+        warmup_steps=options.warmup_steps,
+        logging_steps=options.logging_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        seed=options.seed,
+        data_seed=options.seed,
+        # Trainer replaces NaN losses by the running mean in its logs unless told not to.
+        logging_nan_inf_filter=False,
+        **training_device_kwargs(),
     )
 
 
@@ -272,27 +282,12 @@ def build_sft_trainer(
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
-        output_dir=str(checkpoint_dir),
-        max_steps=options.max_steps,
-        learning_rate=options.learning_rate,
-        per_device_train_batch_size=options.per_device_train_batch_size,
+        **trainer_arguments(options, checkpoint_dir),
         per_device_eval_batch_size=options.per_device_train_batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        max_length=options.max_length,
-        warmup_steps=options.warmup_steps,
         weight_decay=options.weight_decay,
-        logging_steps=options.logging_steps,
         eval_strategy="steps" if options.eval_steps and eval_table is not None else "no",
         eval_steps=options.eval_steps,
-        save_strategy="steps",
-        save_steps=options.save_steps,
-        save_total_limit=options.save_total_limit,
-        seed=options.seed,
-        data_seed=options.seed,
         completion_only_loss=options.completion_only_loss,
-        # Trainer replaces NaN losses by the running mean in its logs unless told not to.
-        logging_nan_inf_filter=False,
-        **training_device_kwargs(),
     )
     quiet_progress_bars()
     trainer = SFTTrainer(
@@ -301,7 +296,7 @@ def build_sft_trainer(
         train_dataset=to_prompt_completion_dataset(train_table),
         eval_dataset=to_prompt_completion_dataset(eval_table) if eval_table is not None else None,
         processing_class=tokenizer,
-        peft_config=lora_config(options.lora, "CAUSAL_LM") if options.lora.enabled else None,
+        peft_config=options.lora.peft_config("CAUSAL_LM"),
         callbacks=callbacks,
     )
     drop_printer(trainer)
