@@ -115,11 +115,30 @@ def read_parts(work: Path, stage: str, upto: int) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
+# Every batch needs the rows of all earlier parts (the kept pool, the labels), and an acknowledged
+# part never changes: each is read once per process. An entry is checked against the file's size
+# and modification time, and only the work folder in use is kept.
+_PART_ROWS: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+
+
+def part_rows(work: Path, stage: str, upto: int) -> list[dict[str, Any]]:
+    """The rows of the acknowledged parts of a stage (1..upto), in order."""
+    rows: list[dict[str, Any]] = []
+    for index in range(1, upto + 1):
+        path = part_path(work, stage, index)
+        stat = path.stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = _PART_ROWS.get(path)
+        if cached is None or cached[0] != key:
+            if any(other.parent != path.parent for other in _PART_ROWS):
+                _PART_ROWS.clear()
+            cached = _PART_ROWS[path] = (key, pq.read_table(path).to_pylist())
+        rows.extend(cached[1])
+    return rows
+
+
 def kept_machine_instructions(work: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
-    table = read_parts(work, "bootstrap", state["batches"]["bootstrap"])
-    if table is None:
-        return []
-    return [row for row in table.to_pylist() if row["kept"]]
+    return [row for row in part_rows(work, "bootstrap", state["batches"]["bootstrap"]) if row["kept"]]
 
 
 # ---- batches: plan -> shards -> commit ---------------------------------------------------------
@@ -300,8 +319,7 @@ CLASSIFY_SCHEMA = pa.schema([("instruction_id", pa.string()), ("is_classificatio
 
 
 def _classification_labels(work: Path, state: dict[str, Any]) -> dict[str, bool]:
-    labels = read_parts(work, "classify", state["batches"]["classify"])
-    return dict(zip(labels["instruction_id"].to_pylist(), labels["is_classification"].to_pylist())) if labels is not None else {}
+    return {row["instruction_id"]: row["is_classification"] for row in part_rows(work, "classify", state["batches"]["classify"])}
 
 
 # ---- stage 3: instances ------------------------------------------------------------------------

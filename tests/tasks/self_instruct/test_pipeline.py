@@ -47,3 +47,22 @@ def test_rows_rejected_by_earlier_filters_are_left_alone() -> None:
     assert [r["kept"] for r in rows] == [True, False, False]
     assert [r["reason"] for r in rows] == [None, "too_short", "rouge_l"]
     assert rows[2]["max_rouge_l"] == 1.0 and rows[2]["most_similar"] == "write a poem about the sea"
+
+
+def test_part_rows_are_read_once_and_reread_when_the_file_changes(tmp_path) -> None:
+    import os
+
+    import pyarrow as pa
+
+    from storage import atomic
+    from tasks.self_instruct.pipeline import part_path, part_rows
+
+    for index, name in enumerate(["a", "b"], start=1):
+        atomic.write_parquet(part_path(tmp_path, "classify", index), pa.Table.from_pylist([{"instruction_id": name}]))
+    assert [r["instruction_id"] for r in part_rows(tmp_path, "classify", 2)] == ["a", "b"]
+    assert [r["instruction_id"] for r in part_rows(tmp_path, "classify", 1)] == ["a"]
+    # A folder reused for another run (a part written again) is read again, not served stale.
+    path = part_path(tmp_path, "classify", 2)
+    atomic.write_parquet(path, pa.Table.from_pylist([{"instruction_id": "c"}, {"instruction_id": "d"}]))
+    os.utime(path, ns=(1, 1))
+    assert [r["instruction_id"] for r in part_rows(tmp_path, "classify", 2)] == ["a", "c", "d"]
