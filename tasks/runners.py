@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # the config is imported by CLIs and forms that never start a runner
+    from prefect.task_runners import TaskRunner
 
 
 class TaskRunnerConfig(BaseModel):
@@ -48,9 +50,11 @@ class TaskRunnerUnavailable(RuntimeError):
     """The chosen runner's package is not installed."""
 
 
-def build_task_runner(config: TaskRunnerConfig) -> TaskRunner:
+def build_task_runner(config: TaskRunnerConfig) -> "TaskRunner":
     """The Prefect task runner a config names (not started)."""
     if config.runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
         return ThreadPoolTaskRunner(max_workers=config.workers)
     if config.runner == "dask":
         try:
@@ -75,7 +79,7 @@ def build_task_runner(config: TaskRunnerConfig) -> TaskRunner:
 
 
 @contextmanager
-def task_runner(config: TaskRunnerConfig) -> Iterator[TaskRunner]:
+def task_runner(config: TaskRunnerConfig) -> Iterator["TaskRunner"]:
     """Start the runner for a block of `runner.submit(task, parameters)` calls; stop it after."""
     with _api_for_workers(config), build_task_runner(config) as runner:
         yield runner
