@@ -30,10 +30,10 @@ from tasks.align.sft import (
     StreamLogs,
     drop_printer,
     guard_checkpoint_dir,
-    latest_checkpoint,
     load_tokenizer,
     loss_curve,
     quiet_progress_bars,
+    train_from_latest_checkpoint,
     trainer_arguments,
 )
 
@@ -206,14 +206,7 @@ def train_reward_model(
         log(f"reward: {dropped} pairs longer than max_length={options.max_length} tokens were dropped")
     if len(trainer.train_dataset) == 0:
         raise AlignError(f"reward: every training pair is longer than max_length={options.max_length} tokens")
-    resume = latest_checkpoint(checkpoint_dir)
-    if resume is not None:
-        log(f"reward: resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-
-    model = trainer.model
-    if options.lora.enabled:
-        model = model.merge_and_unload()
+    result, resume, model = train_from_latest_checkpoint(trainer, checkpoint_dir, options.lora.enabled, "reward", log)
     model.config.pad_token_id = tokenizer.pad_token_id
     accuracy_after = pairwise_accuracy(model, tokenizer, eval_table)
     log(f"reward: held-out pairwise accuracy after: {accuracy_after:.3f} (before {accuracy_before:.3f})")

@@ -2,8 +2,8 @@
 
 The data is conversational prompt-completion (see `tasks.align.data`): TRL renders it with the
 model's chat template, so every target ends with the template's EOS and the loss covers the answer
-only. The same helpers (`check_tokenizer`, `StreamLogs`, `StopOnNonFinite`, `latest_checkpoint`)
-serve the reward-model stage.
+only. The same helpers (`check_tokenizer`, `StreamLogs`, `StopOnNonFinite`, `trainer_arguments`,
+`train_from_latest_checkpoint`) serve the reward-model stage.
 
     metrics = train_sft(base_dir, train.parquet, eval.parquet, out_dir, SFTOptions(), ckpt_dir, log=logger.info)
 
@@ -168,6 +168,17 @@ def guard_checkpoint_dir(checkpoint_dir: Path, stage: str, options: Any) -> None
             )
     else:
         record.write_text(json.dumps(current, indent=2))
+
+
+def train_from_latest_checkpoint(trainer, checkpoint_dir: Path, lora_enabled: bool, stage: str, log: Log):
+    """Train, resuming from the newest complete checkpoint; return (result, the checkpoint resumed
+    from or None, the trained model with LoRA adapters merged into its weights)."""
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:
+        log(f"{stage}: resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    model = trainer.model.merge_and_unload() if lora_enabled else trainer.model
+    return result, resume, model
 
 
 def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path) -> dict[str, Any]:
@@ -338,14 +349,7 @@ def train_sft(
         model, tokenizer, train_table, eval_table, options, checkpoint_dir,
         callbacks=[StreamLogs("sft", log), StopOnNonFinite("sft"), *(callbacks or [])],
     )
-    resume = latest_checkpoint(checkpoint_dir)
-    if resume is not None:
-        log(f"sft: resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-
-    model = trainer.model
-    if options.lora.enabled:
-        model = model.merge_and_unload()
+    result, resume, model = train_from_latest_checkpoint(trainer, checkpoint_dir, options.lora.enabled, "sft", log)
     eval_loss_after = completion_nll(model, tokenizer, eval_table, options.max_length)
     log(f"sft: held-out completion NLL after: {eval_loss_after:.4f} (before {eval_loss_before:.4f})")
 
