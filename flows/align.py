@@ -2,11 +2,15 @@
 
     alignflow align --model base --dataset self-instruct
     alignflow align --judge human          # the flow pauses with a form in the Prefect UI for each pair
-    python flows/align.py --sft-max-steps 300 --ppo-total-episodes 2000
+    alignflow align --gates warn           # report regressions without stopping the run
+    python flows/align.py --sft-num-train-epochs 20 --ppo-total-episodes 2000
 
 Every stage registers its output with lineage back to the corpus and the seeds; a re-run with the
-same parameters reuses finished stages and resumes an interrupted one from its checkpoints. A GPU
-is used when present (bf16), the CPU otherwise (fp32).
+same parameters reuses finished stages and resumes an interrupted one from its checkpoints. Each
+training stage is judged on the test split against its predecessor (SFT vs base on NLL, the RM vs
+chance on accuracy, PPO vs SFT on reward, KL and ROUGE-L to the reference); the verdicts are the
+stages' state names and the `align-gates` table. A GPU is used when present (bf16), the CPU
+otherwise (fp32).
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from pydantic import Field
 
 from storage import atomic
 from storage.registry import Registry
+from tasks.align.gates import Gate, QualityGateFailed
 from tasks.align.steps import (
     AlignConfig,
+    AlignData,
+    EvaluationResult,
+    StageResult,
     build_preference_table,
     evaluate_step,
     ppo_step,
@@ -33,7 +41,8 @@ from tasks.align.steps import (
     reward_step,
     sft_step,
 )
-from tasks.publish import run_logger
+from tasks.publish import publish_table, run_logger
+from tasks.timing import stage_timer
 
 
 class PreferenceChoice(RunInput):
@@ -50,44 +59,80 @@ def ask_in_the_ui(prompt: str, response_a: str, response_b: str) -> str:
 
 
 @task(name="preferences")
-def preferences_step(config: AlignConfig, data: dict, sft: dict) -> str:
+def preferences_step(config: AlignConfig, data: AlignData, sft: StageResult) -> str:
     table = build_preference_table(config, data, sft)
-    path = Path(data["work"]) / f"preferences-{preferences_key(config, sft)}.parquet"
+    path = Path(data.work) / f"preferences-{preferences_key(config, sft)}.parquet"
     atomic.write_parquet(path, table)
     return str(path)
+
+
+def publish_gates(gates: dict[str, Gate]) -> None:
+    rows = [gate.row() for gate in gates.values()]
+    publish_table("align-gates", rows, "Quality gates: each stage against its predecessor on the test split.")
+    for row in rows:
+        run_logger().info(f"gate {row['stage']}: {'passed' if row['passed'] else 'FAILED'}: {row['why']}")
+
+
+def passed_or_stop(state, gates: dict[str, Gate]):
+    """The stage's result; a Failed (Regressed) stage ends the run after the gates are published."""
+    result = state.result(raise_on_failure=False) if state.is_failed() else state.result()
+    if isinstance(result, (StageResult, EvaluationResult)):
+        gates.update(result.gates if isinstance(result, EvaluationResult) else {result.stage: result.gate} if result.gate else {})
+    if state.is_failed():
+        publish_gates(gates)
+        raise QualityGateFailed(state.message)
+    return result
+
+
+def preferences_ref_for(config: AlignConfig, data: AlignData, sft: StageResult) -> str:
+    found = Registry().find("dataset", "preferences", preferences_key(config, sft))
+    if found:
+        return found.ref
+    if config.preferences.judge == "human":
+        # Pausing needs the flow's own context, so the human judge runs here rather than in a task.
+        table = build_preference_table(config, data, sft, ask=ask_in_the_ui)
+        path = Path(data.work) / f"preferences-{preferences_key(config, sft)}.parquet"
+        atomic.write_parquet(path, table)
+        return register_preferences(config, data, sft, str(path))
+    return register_preferences(config, data, sft, preferences_step(config, data, sft))
 
 
 # log_prints stays off: datasets fingerprints functions with dill, which reads the output of
 # dis.dis() from a captured stdout, and a patched print() would flood the run log with bytecode.
 @flow(name="align")
 def align(config: AlignConfig = AlignConfig()) -> dict[str, str]:
-    """Run SFT, preferences, reward model, PPO and evaluation; return the registered refs."""
+    """Run SFT, preferences, reward model, PPO and evaluation; return the registered refs.
+
+    Each training stage must beat its predecessor on the test split (its gate); with gates=fail a
+    regression ends the run there, with the gates table published.
+    """
     logger = run_logger()
-    data = prepare_data(config)
-    sft = sft_step(config, data)
-
-    preferences_ref = Registry().find("dataset", "preferences", preferences_key(config, sft))
-    if preferences_ref:
-        preferences_ref = preferences_ref.ref
-    elif config.preferences.judge == "human":
-        # Pausing needs the flow's own context, so the human judge runs here rather than in a task.
-        table = build_preference_table(config, data, sft, ask=ask_in_the_ui)
-        path = Path(data["work"]) / f"preferences-{preferences_key(config, sft)}.parquet"
-        atomic.write_parquet(path, table)
-        preferences_ref = register_preferences(config, data, sft, str(path))
-    else:
-        preferences_ref = register_preferences(config, data, sft, preferences_step(config, data, sft))
-
+    gates: dict[str, Gate] = {}
+    with stage_timer("split"):
+        data = prepare_data(config)
+    with stage_timer("sft"):
+        sft = passed_or_stop(sft_step(config, data, return_state=True), gates)
+    with stage_timer("preferences"):
+        preferences_ref = preferences_ref_for(config, data, sft)
+    refs = {"sft": sft.ref, "preferences": preferences_ref}
     if config.stop_after == "preferences":
-        return {"sft": sft["ref"], "preferences": preferences_ref}
-    rm = reward_step(config, sft, preferences_ref)
+        return refs
+    with stage_timer("reward model"):
+        rm = passed_or_stop(reward_step(config, sft, preferences_ref, return_state=True), gates)
+    refs["rm"] = rm.ref
     if config.stop_after == "reward":
-        return {"sft": sft["ref"], "preferences": preferences_ref, "rm": rm["ref"]}
+        publish_gates(gates)
+        return refs
     models = {"sft": sft}
     if not config.skip_ppo:
-        models["ppo"] = ppo_step(config, data, sft, rm)
-    eval_ref = evaluate_step(config, data, models, rm)
-    refs = {"sft": sft["ref"], "preferences": preferences_ref, "rm": rm["ref"], **({"ppo": models["ppo"]["ref"]} if "ppo" in models else {}), "eval": eval_ref}
+        with stage_timer("ppo"):
+            models["ppo"] = ppo_step(config, data, sft, rm)
+        refs["ppo"] = models["ppo"].ref
+    with stage_timer("evaluation"):
+        state = evaluate_step(config, data, models, rm, return_state=True)
+        evaluation = passed_or_stop(state, gates)
+    publish_gates(gates)
+    refs["eval"] = evaluation.ref
     logger.info(f"registered: {refs}")
     return refs
 

@@ -155,9 +155,23 @@ def print_align_summary(refs: dict[str, str]) -> None:
     if "eval" not in refs:
         return
     version = Registry().resolve("dataset", refs["eval"])
-    print("\nevaluation on held-out prompts:")
+    print("\nevaluation on test prompts:")
     for row in pq.read_table(version.path / "metrics.parquet").to_pylist():
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    gates = json.loads((version.path / "evaluation.json").read_text()).get("gates", {})
+    if gates:
+        print("\nquality gates (test split, each stage against the one before it):")
+        print(f"  {'stage':<6} {'metric':<14} {'baseline':>9} {'value':>9} {'se':>8}  verdict")
+        for stage, gate in gates.items():
+            se = "-" if gate["se"] is None else f"{gate['se']:.4f}"
+            extra = ""
+            if gate.get("kl") is not None:
+                extra = f"  KL {gate['kl']:.3f}"
+            if gate.get("independent"):
+                ind = gate["independent"]
+                extra += f"  {ind['metric']} {ind['sft']:.3f} -> {ind['ppo']:.3f}"
+            print(f"  {stage:<6} {gate['metric']:<14} {gate['baseline']:>9.4f} {gate['value']:>9.4f} {se:>8}  "
+                  f"{'passed' if gate['passed'] else 'FAILED'}{extra}")
 
 
 def _print_version(registry, kind: str, ref: str) -> None:
@@ -272,6 +286,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RegistryError, FileNotFoundError, ValueError) as exc:
         print(f"alignflow {args.command}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from tasks.align.gates import QualityGateFailed
+
+        if not isinstance(exc, QualityGateFailed):
+            raise
+        print(f"alignflow {args.command}: stopped by a quality gate: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if args.command in FLOW_COMMANDS:
+            from tasks.timing import time_report
+
+            report = time_report()
+            if report:
+                print("\n" + report)
 
 
 if __name__ == "__main__":

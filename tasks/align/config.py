@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tasks.generation.params import DecodingParams
 
@@ -39,18 +39,37 @@ class LoraOptions(BaseModel):
 
 
 class SplitOptions(BaseModel):
-    """How the instruction data is split into train and held-out parts (by a hash of the prompt)."""
+    """How the instruction data is split into train, validation and test (by a hash of the prompt).
 
-    eval_fraction: float = Field(
-        0.1, gt=0.0, lt=1.0, description="Fraction of prompts held out for evaluation (decided per prompt, by hash)."
-    )
+    Validation picks (early stopping, the best checkpoint); test only reports, and every gate is judged
+    on it. Preference pairs and PPO prompts inherit their prompt's side.
+    """
+
+    validation_fraction: float = Field(
+        0.12, gt=0.0, lt=1.0, description="Fraction of prompts for validation: early stopping and best-checkpoint choice.")
+    test_fraction: float = Field(
+        0.18, gt=0.0, lt=1.0, description="Fraction of prompts for test: the reported metrics and the quality gates; "
+        "nothing is selected on them.")
     seed: int = Field(0, description="Seed of the split hash; another seed gives another, equally fixed, split.")
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> "SplitOptions":
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"validation_fraction + test_fraction = {self.validation_fraction + self.test_fraction:.2f} "
+                             "leaves less than 10% of the prompts for training")
+        return self
 
 
 class SFTOptions(BaseModel):
     """Supervised fine-tuning with TRL's SFTTrainer: chat template, EOS-terminated targets."""
 
-    max_steps: int = Field(200, ge=1, description="Total number of optimizer steps.")
+    num_train_epochs: float = Field(
+        12.0, gt=0.0, description="Most passes over the training examples; early stopping usually ends training sooner.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Cap on optimizer steps, overriding num_train_epochs; empty: train by epochs.")
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Stop after this many evaluations without a lower validation loss, then restore the best "
+        "checkpoint; empty: train every epoch and still restore the best.")
     learning_rate: float = Field(
         1e-3, gt=0.0, description="Peak learning rate of AdamW (linear decay). 1e-3 suits the project's tiny "
         "models; use ~2e-5 for a large pretrained base."
@@ -66,9 +85,9 @@ class SFTOptions(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps (streamed to the run log).")
     eval_steps: int | None = Field(
-        None, ge=1, description="Evaluate the held-out loss every N steps during training; empty: only before and after."
+        None, ge=1, description="Evaluate the validation loss (and write a resumable checkpoint) every N steps; empty: "
+        "once per epoch."
     )
-    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (oldest deleted first).")
     seed: int = Field(0, description="Seed for weight init of new parts, data order and dropout.")
     completion_only_loss: bool = Field(
@@ -117,7 +136,16 @@ class PreferenceOptions(BaseModel):
 class RewardOptions(BaseModel):
     """Reward model training with TRL's RewardTrainer: a scalar head on the SFT backbone."""
 
-    max_steps: int = Field(150, ge=1, description="Total number of optimizer steps.")
+    num_train_epochs: float = Field(
+        8.0, gt=0.0, description="Most passes over the training pairs; early stopping usually ends training sooner.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Cap on optimizer steps, overriding num_train_epochs; empty: train by epochs.")
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Stop after this many evaluations without a higher validation accuracy, then restore the "
+        "best checkpoint; empty: train every epoch and still restore the best.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate validation accuracy (and write a resumable checkpoint) every N steps; empty: "
+        "once per epoch.")
     learning_rate: float = Field(
         5e-4, gt=0.0, description="Peak learning rate of AdamW (linear decay). Use ~1e-5 for a large pretrained base."
     )
@@ -126,15 +154,11 @@ class RewardOptions(BaseModel):
     max_length: int = Field(
         512, ge=8, description="Pairs whose chosen or rejected text (prompt + response) is longer are dropped."
     )
-    eval_fraction: float = Field(
-        0.2, gt=0.0, lt=1.0, description="Fraction of prompts whose pairs are held out to measure pairwise accuracy."
-    )
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="Pull rewards towards zero mean with this weight (e.g. 0.01); empty: off."
     )
     warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warmup.")
     logging_steps: int = Field(10, ge=1, description="Log loss and accuracy every N steps (streamed to the run log).")
-    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (oldest deleted first).")
     seed: int = Field(0, description="Seed for the new score head, data order and the pair split.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA adapters (peft) instead of full training.")

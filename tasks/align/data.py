@@ -9,7 +9,7 @@ Every loader returns the same normalized table: `prompt` (str, the text the spli
 `completion` (str), `prompt_messages` (the chat before the answer, as TRL reads it).
 
     table = load_sft_table("data/self-instruct@3/")
-    train, held_out = split_train_eval(table, eval_fraction=0.1, seed=0)
+    parts = split_three_ways(table, validation_fraction=0.1, test_fraction=0.15, seed=0)
     dataset = to_prompt_completion_dataset(train)    # for trl.SFTTrainer
 """
 
@@ -158,6 +158,40 @@ def split_train_eval(table: pa.Table, eval_fraction: float, seed: int) -> tuple[
                 "use more data or a different eval_fraction"
             )
     return train, held_out
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def side_of(prompt: str, validation_fraction: float, test_fraction: float, seed: int) -> str:
+    """The split a prompt belongs to: test below `test_fraction` of the hash range, then validation, then train."""
+    unit = _hash_unit(seed, prompt)
+    return "test" if unit < test_fraction else "validation" if unit < test_fraction + validation_fraction else "train"
+
+
+def split_three_ways(table: pa.Table, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, pa.Table]:
+    """Split rows into train, validation and test by a hash of the prompt text.
+
+    Validation chooses (early stopping, the best checkpoint, a stage's gate threshold never); test only
+    reports. The hash puts a prompt in test when it falls below `test_fraction`, so a prompt keeps its
+    side when the dataset grows or the validation share changes: test prompts stay unseen.
+    """
+    if not (0.0 < validation_fraction < 1.0 and 0.0 < test_fraction < 1.0 and validation_fraction + test_fraction < 1.0):
+        raise DataError(
+            f"validation_fraction ({validation_fraction}) and test_fraction ({test_fraction}) must each be between 0 "
+            "and 1 and leave rows for training"
+        )
+    if "prompt" not in table.column_names:
+        raise DataError(f"cannot split: the table has no `prompt` column (found {', '.join(table.column_names)})")
+    side = [side_of(prompt, validation_fraction, test_fraction, seed) for prompt in table.column("prompt").to_pylist()]
+    parts = {name: table.filter(pa.array([s == name for s in side], type=pa.bool_())) for name in SPLITS}
+    for name, part in parts.items():
+        if part.num_rows == 0:
+            raise DataError(
+                f"the {name} split is empty ({table.num_rows} rows, validation_fraction={validation_fraction}, "
+                f"test_fraction={test_fraction}, seed={seed}); use more data or larger fractions"
+            )
+    return parts
 
 
 def to_prompt_completion_dataset(table: pa.Table):

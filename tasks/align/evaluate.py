@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from tasks.align.stats import mean_se, paired_difference
 from tasks.generation.params import DecodingParams
 
 Judge = Callable[[str, str, str], str]  # judge(prompt, answer_a, answer_b) -> "A" | "B" | "tie"
@@ -38,14 +39,6 @@ VERDICTS = ("A", "B", "tie")
 
 class EvaluationError(ValueError):
     """Bad input to the evaluation (models, prompts, references, decoding, judge answers)."""
-
-
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    if array.size == 0:
-        return float("nan"), float("nan")
-    se = float(array.std(ddof=1) / math.sqrt(array.size)) if array.size > 1 else float("nan")
-    return float(array.mean()), se
 
 
 def _pad_right(rows: Sequence[Sequence[int]], pad_id: int, device):
@@ -214,6 +207,70 @@ def _same_tokenizer(tokenizer, reference, name: str, folder: Path) -> None:
         )
 
 
+def _answer_all(models: dict[str, Path], tokenizer, queries: list[list[int]], reference_targets, decoding: DecodingParams,
+                reference_model: str, kl_temperature: float, batch_size: int, dtype, device, log):
+    """Every model answers every query; log-probs of the answers under themselves and the reference.
+
+    The reference model goes last: it scores every other model's answers while it is loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    answers: dict[str, list[tuple[list[int], bool]]] = {}
+    own: dict[str, list[np.ndarray]] = {}
+    under_reference: dict[str, list[np.ndarray]] = {}
+    perplexity: dict[str, float | None] = {}
+
+    def targets(name: str) -> list[tuple[list[int], list[int]]]:
+        return [(q, ids + ([eos] if ended else [])) for q, (ids, ended) in zip(queries, answers[name])]
+
+    for name in [n for n in models if n != reference_model] + [reference_model]:
+        _same_tokenizer(AutoTokenizer.from_pretrained(models[name]), tokenizer, name, models[name])
+        model = AutoModelForCausalLM.from_pretrained(models[name], dtype=dtype).to(device).eval()
+        answers[name] = generate_answers(model, tokenizer, queries, decoding, batch_size)
+        own[name] = token_logprobs(model, pad, targets(name), kl_temperature, batch_size)
+        if name == reference_model:
+            for other in models:
+                if other != reference_model:
+                    under_reference[other] = token_logprobs(model, pad, targets(other), kl_temperature, batch_size)
+        perplexity[name] = None
+        if reference_targets is not None:
+            nll = token_logprobs(model, pad, list(zip(queries, reference_targets)), 1.0, batch_size)
+            perplexity[name] = float(math.exp(-sum(x.sum() for x in nll) / sum(x.size for x in nll)))
+        log(f"eval: {name} answered {len(queries)} prompts")
+        del model
+    return answers, own, under_reference, perplexity, targets
+
+
+def _model_row(name: str, rewards, answers, rouge, perplexity, kls, reference_model: str, judge_result) -> dict[str, Any]:
+    """The metrics of one model; differences to the reference model are paired per prompt."""
+    reward_mean, reward_se = mean_se(rewards[name])
+    length_mean, length_se = mean_se([len(ids) for ids, _ in answers[name]])
+    row: dict[str, Any] = {
+        "reward_mean": reward_mean, "reward_se": reward_se,
+        "response_length_mean": length_mean, "response_length_se": length_se,
+        "missing_eos_rate": float(np.mean([not ended for _, ended in answers[name]])),
+        "rouge_l_mean": mean_se(rouge[name])[0] if rouge else None,
+        "rouge_l_se": mean_se(rouge[name])[1] if rouge else None,
+        "perplexity": perplexity[name],
+        "kl_from_reference": None, "kl_se": None, "reward_gain": None, "reward_gain_se": None,
+        "rouge_l_gain": None, "rouge_l_gain_se": None,
+        "win_rate_rm": None, "win_rate_llm": None, "rm_comparison": None, "llm_comparison": None,
+    }
+    if name == reference_model:
+        return row
+    row["kl_from_reference"], row["kl_se"] = mean_se(kls)
+    row["reward_gain"], row["reward_gain_se"] = paired_difference(rewards[name], rewards[reference_model])
+    if rouge:
+        row["rouge_l_gain"], row["rouge_l_gain_se"] = paired_difference(rouge[name], rouge[reference_model])
+    row["rm_comparison"] = _win_counts(rewards[name], rewards[reference_model])
+    row["win_rate_rm"] = row["rm_comparison"]["win_rate"]
+    if judge_result is not None:
+        row["llm_comparison"] = judge_result
+        row["win_rate_llm"] = judge_result["win_rate"]
+    return row
+
+
 def evaluate_models(
     models: dict[str, Path],
     reward_dir: Path,
@@ -231,10 +288,11 @@ def evaluate_models(
     model's answer and reward), `num_prompts`, `reference_model`, `decoding`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tasks.align.devices import torch_device
     from tasks.align.ppo import chat_full_ids, chat_query_ids, check_reward_reading, check_tokenizer
+    from tasks.align.preferences import rouge_l
 
     decoding = decoding or DecodingParams(strategy="sample", temperature=0.7, max_new_tokens=40)
     models = {name: Path(folder) for name, folder in models.items()}
@@ -244,86 +302,37 @@ def evaluate_models(
 
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     check_tokenizer(tokenizer, Path(reward_dir))
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [chat_query_ids(tokenizer, p) for p in prompts]
     reference_targets = None
     if references is not None:
-        reference_targets = []
-        for query, prompt, answer in zip(queries, prompts, references):
-            full = chat_full_ids(tokenizer, prompt, answer)
-            reference_targets.append(full[len(query) :])  # the answer and its EOS
+        # The answer and its EOS, as the chat template renders it after the query.
+        reference_targets = [chat_full_ids(tokenizer, p, a)[len(q):] for q, p, a in zip(queries, prompts, references)]
     kl_temperature = 1.0 if decoding.is_greedy or decoding.strategy == "beam" else decoding.temperature
+    answers, own, under_reference, perplexity, targets = _answer_all(
+        models, tokenizer, queries, reference_targets, decoding, reference_model, kl_temperature, batch_size, dtype, device, log)
 
-    answers: dict[str, list[tuple[list[int], bool]]] = {}
-    own_logprobs: dict[str, list[np.ndarray]] = {}
-    ref_logprobs: dict[str, list[np.ndarray]] = {}
-    perplexity: dict[str, float | None] = {}
-
-    def targets(name: str) -> list[tuple[list[int], list[int]]]:
-        return [(q, ids + ([eos] if ended else [])) for q, (ids, ended) in zip(queries, answers[name])]
-
-    # The reference model goes last: it scores every other model's answers while it is loaded.
-    order = [name for name in models if name != reference_model] + [reference_model]
-    for name in order:
-        _same_tokenizer(AutoTokenizer.from_pretrained(models[name]), tokenizer, name, models[name])
-        model = AutoModelForCausalLM.from_pretrained(models[name], dtype=dtype).to(device).eval()
-        answers[name] = generate_answers(model, tokenizer, queries, decoding, batch_size)
-        own_logprobs[name] = token_logprobs(model, pad, targets(name), kl_temperature, batch_size)
-        if name == reference_model:
-            for other in models:
-                if other != reference_model:
-                    ref_logprobs[other] = token_logprobs(model, pad, targets(other), kl_temperature, batch_size)
-        perplexity[name] = None
-        if reference_targets is not None:
-            nll = token_logprobs(model, pad, list(zip(queries, reference_targets)), 1.0, batch_size)
-            perplexity[name] = float(math.exp(-sum(x.sum() for x in nll) / sum(x.size for x in nll)))
-        log(f"eval: {name} answered {len(prompts)} prompts")
-        del model
-
-    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=dtype)
-    reward_model = reward_model.to(device).eval()
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=dtype).to(device).eval()
     if reward_model.config.pad_token_id is None:
-        reward_model.config.pad_token_id = pad
+        reward_model.config.pad_token_id = tokenizer.pad_token_id
     check_reward_reading(reward_model, tokenizer, prompts[0])
-    rewards = {
-        name: reward_scores(reward_model, pad, [q + t for q, t in targets(name)], batch_size) for name in models
-    }
+    rewards = {name: reward_scores(reward_model, tokenizer.pad_token_id, [q + t for q, t in targets(name)], batch_size)
+               for name in models}
     del reward_model
 
-    texts = {
-        name: [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in answers[name]] for name in models
-    }
+    texts = {name: [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in answers[name]] for name in models}
+    rouge = {name: [rouge_l(r, t) for r, t in zip(references, texts[name])] for name in models} if references else {}
     metrics: dict[str, dict[str, Any]] = {}
     for name in models:
-        reward_mean, reward_se = _mean_se(rewards[name])
-        length_mean, length_se = _mean_se([len(ids) for ids, _ in answers[name]])
-        row: dict[str, Any] = {
-            "reward_mean": reward_mean,
-            "reward_se": reward_se,
-            "response_length_mean": length_mean,
-            "response_length_se": length_se,
-            "missing_eos_rate": float(np.mean([not ended for _, ended in answers[name]])),
-            "perplexity": perplexity[name],
-            "kl_from_reference": None,
-            "kl_se": None,
-            "win_rate_rm": None,
-            "win_rate_llm": None,
-            "rm_comparison": None,
-            "llm_comparison": None,
-        }
-        if name != reference_model:
-            kls = [float((a - b).sum()) for a, b in zip(own_logprobs[name], ref_logprobs[name])]
-            row["kl_from_reference"], row["kl_se"] = _mean_se(kls)
-            row["rm_comparison"] = _win_counts(rewards[name], rewards[reference_model])
-            row["win_rate_rm"] = row["rm_comparison"]["win_rate"]
-            if judge is not None:
-                row["llm_comparison"] = judge_win_rate(judge, prompts, texts[name], texts[reference_model])
-                row["win_rate_llm"] = row["llm_comparison"]["win_rate"]
-        metrics[name] = row
+        kls = [float((a - b).sum()) for a, b in zip(own[name], under_reference.get(name, []))]
+        judged = None
+        if judge is not None and name != reference_model:
+            judged = judge_win_rate(judge, prompts, texts[name], texts[reference_model])
+        row = metrics[name] = _model_row(name, rewards, answers, rouge, perplexity, kls, reference_model, judged)
         log(
-            f"eval: {name}: reward {reward_mean:.3f} ± {reward_se:.3f}, length {length_mean:.1f}"
-            + (f", KL from {reference_model} {row['kl_from_reference']:.3f}" if row["kl_from_reference"] is not None else "")
-            + (f", RM win rate {row['win_rate_rm']:.2f}" if row["win_rate_rm"] is not None else "")
+            f"eval: {name}: reward {row['reward_mean']:.3f} ± {row['reward_se']:.3f}, length {row['response_length_mean']:.1f}"
+            + (f", ROUGE-L to reference {row['rouge_l_mean']:.3f}" if row["rouge_l_mean"] is not None else "")
+            + (f", reward gain over {reference_model} {row['reward_gain']:+.3f} ± {row['reward_gain_se']:.3f}, KL "
+               f"{row['kl_from_reference']:.3f}, RM win rate {row['win_rate_rm']:.2f}" if row["reward_gain"] is not None else "")
             + (f", perplexity {row['perplexity']:.2f}" if row["perplexity"] is not None else "")
         )
 
@@ -336,15 +345,8 @@ def evaluate_models(
             sample[name] = texts[name][i]
             sample[f"{name}_reward"] = rewards[name][i]
         samples.append(sample)
-
-    return {
-        "num_prompts": len(prompts),
-        "reference_model": reference_model,
-        "decoding": decoding.model_dump(mode="json"),
-        "kl_temperature": kl_temperature,
-        "models": metrics,
-        "samples": samples,
-    }
+    return {"num_prompts": len(prompts), "reference_model": reference_model, "decoding": decoding.model_dump(mode="json"),
+            "kl_temperature": kl_temperature, "models": metrics, "samples": samples}
 
 
 def metrics_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

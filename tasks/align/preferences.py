@@ -153,8 +153,12 @@ def judge_by_llm(
     samples: Sequence[Sequence[str]],
     options: PreferenceOptions,
     log: Log = print,
+    counts: dict | None = None,
 ) -> list[Pair]:
     """Pairwise A/B verdicts from `judge`, asked in both orders; keeps only pairs where both agree.
+
+    `counts`, when given, receives the comparisons made, agreed, disagreed and dropped, and the
+    agreement rate of the two orders.
 
     Comparisons run in rounds so each round is one batched call: round r compares the r-th pair of
     distinct samples of every prompt that still needs pairs (at most 2 * pairs_per_prompt tries).
@@ -162,7 +166,8 @@ def judge_by_llm(
     params = DecodingParams(strategy="greedy", max_new_tokens=options.judge_max_new_tokens, seed=options.seed)
     combos = [list(itertools.combinations(_distinct(group), 2)) for group in samples]
     kept: list[list[Pair]] = [[] for _ in prompts]
-    counts = dict(compared=0, agreed=0, disagreed_or_invalid=0, dropped_for_length=0)
+    counts = counts if counts is not None else {}
+    counts.update(compared=0, agreed=0, disagreed_or_invalid=0, dropped_for_length=0)
     for round_index in range(2 * options.pairs_per_prompt):
         jobs = [
             (i, *combos[i][round_index])
@@ -193,6 +198,7 @@ def judge_by_llm(
                 counts["dropped_for_length"] += 1
                 continue
             kept[i].append(Pair(prompts[i], chosen, rejected, "llm", 1.0, 0.0))
+    counts["order_agreement"] = counts["agreed"] / counts["compared"] if counts["compared"] else 0.0
     log(
         f"llm judge: {counts['compared']} comparisons, {counts['agreed']} agreed in both orders, "
         f"{counts['disagreed_or_invalid']} disagreed or gave no verdict, "
@@ -293,8 +299,13 @@ def build_preferences(
     judge_generator: Generator | None = None,
     ask: Ask | None = None,
     log: Log = print,
+    report: dict | None = None,
 ) -> pa.Table:
     """Build the preference table for the chosen judge.
+
+    `report`, when given, receives the judge's own statistics: prompts without a pair (every sample
+    tied: identical to each other or to the reference), and for the LLM judge the comparisons made
+    and how often the two swapped orders agreed.
 
     table: prompts with their reference answers (the normalized SFT table, or any table with
     prompt/completion or messages); unused by the file judge. generator: samples the K responses
@@ -331,9 +342,14 @@ def build_preferences(
             for pair in judge_by_reference(prompt, reference, group, options.pairs_per_prompt)
         ]
     elif options.judge == "llm":
-        pairs = judge_by_llm(judge_generator, prompts, samples, options, log)  # type: ignore[arg-type]
+        pairs = judge_by_llm(judge_generator, prompts, samples, options, log, counts=report)  # type: ignore[arg-type]
     else:
         pairs = judge_by_human(ask, prompts, samples, options, log)  # type: ignore[arg-type]
+    if report is not None:
+        paired = {p.prompt for p in pairs}
+        report.update(prompts_sampled=len(prompts), prompts_without_pair=sum(1 for p in prompts if p not in paired),
+                      samples_equal_to_reference=sum(s.strip() == r.strip() for r, group in zip(references, samples) for s in group),
+                      tied_pairs=sum(1 for p in pairs if p.chosen_score is not None and p.chosen_score == p.rejected_score))
     if not pairs:
         raise PreferenceError(
             f"judge {options.judge!r} produced no preference pairs from {len(prompts)} prompts "

@@ -24,9 +24,12 @@ from transformers import TrainerCallback
 from tasks.align.config import RewardOptions
 from tasks.align.devices import torch_device
 from tasks.align.preferences import load_preference_file
+from tasks.align.stats import proportion_se
 from tasks.align.sft import (
     AlignError,
     StopOnNonFinite,
+    best_checkpoint_summary,
+    early_stopping,
     StreamLogs,
     drop_printer,
     guard_checkpoint_dir,
@@ -137,24 +140,28 @@ def pairwise_accuracy(model_dir_or_model, tokenizer, prefs_table: pa.Table, batc
 
 def build_reward_trainer(
     model, tokenizer, train_table: pa.Table, options: RewardOptions, checkpoint_dir: Path,
-    callbacks: list[TrainerCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None, validation_table: pa.Table | None = None,
 ):
-    """The configured RewardTrainer (exposed so tests can inspect the exact tokens it trains on)."""
+    """The configured RewardTrainer (exposed so tests can inspect the exact tokens it trains on).
+
+    With `validation_table`, it evaluates pairwise accuracy on it every epoch, stops early and
+    restores the most accurate checkpoint; without, it trains every epoch and keeps the last.
+    """
     from trl import RewardConfig, RewardTrainer
 
-    config = RewardConfig(
-        **trainer_arguments(options, checkpoint_dir),
-        center_rewards_coefficient=options.center_rewards_coefficient,
-        eval_strategy="no",
-    )
+    arguments = trainer_arguments(options, checkpoint_dir, "eval_accuracy", greater_is_better=True)
+    if validation_table is None:
+        arguments.update(eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None)
+    config = RewardConfig(**arguments, center_rewards_coefficient=options.center_rewards_coefficient)
     quiet_progress_bars()
     trainer = RewardTrainer(
         model=model,
         args=config,
         train_dataset=preference_dataset(train_table),
+        eval_dataset=preference_dataset(validation_table) if validation_table is not None else None,
         processing_class=tokenizer,
         peft_config=options.lora.peft_config("SEQ_CLS"),
-        callbacks=callbacks,
+        callbacks=[*(early_stopping(options) if validation_table is not None else []), *(callbacks or [])],
     )
     drop_printer(trainer)
     return trainer
@@ -174,11 +181,14 @@ def train_reward_model(
     checkpoint_dir: Path,
     log: Log = print,
     callbacks: list[TrainerCallback] | None = None,
+    test_prefs: Path | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on the SFT backbone in `model_dir`; save model + tokenizer to `output_dir`.
 
-    Returns held-out pairwise accuracy before (random head) and after training, steps, the loss
-    and accuracy curves [[step, value], ...], and where it resumed from.
+    Early stopping and the restored checkpoint are chosen on the validation pairs in `eval_prefs`.
+    Returns validation pairwise accuracy before (random head) and after training, steps, the loss
+    and accuracy curves [[step, value], ...], and where it resumed from; with `test_prefs`, also the
+    test accuracy and its standard error (test_accuracy, test_accuracy_se, test_pairs).
     """
     from transformers import AutoModelForSequenceClassification, set_seed
 
@@ -199,7 +209,7 @@ def train_reward_model(
 
     trainer = build_reward_trainer(
         model, tokenizer, train_table, options, checkpoint_dir,
-        callbacks=[StreamLogs("reward", log), StopOnNonFinite("reward"), *(callbacks or [])],
+        callbacks=[StreamLogs("reward", log), StopOnNonFinite("reward"), *(callbacks or [])], validation_table=eval_table,
     )
     dropped = train_table.num_rows - len(trainer.train_dataset)
     if dropped:
@@ -209,7 +219,16 @@ def train_reward_model(
     result, resume, model = train_from_latest_checkpoint(trainer, checkpoint_dir, options.lora.enabled, "reward", log)
     model.config.pad_token_id = tokenizer.pad_token_id
     accuracy_after = pairwise_accuracy(model, tokenizer, eval_table)
-    log(f"reward: held-out pairwise accuracy after: {accuracy_after:.3f} (before {accuracy_before:.3f})")
+    best = best_checkpoint_summary(trainer)
+    log(f"reward: restored {best['best_checkpoint']} after {best['epochs_trained']:.1f} epochs; validation pairwise "
+        f"accuracy {accuracy_before:.3f} -> {accuracy_after:.3f}")
+    test = {}
+    if test_prefs is not None:
+        test_table = read_preferences(test_prefs)
+        accuracy = pairwise_accuracy(model, tokenizer, test_table)
+        test = {"test_accuracy": accuracy, "test_accuracy_se": proportion_se(accuracy * test_table.num_rows, test_table.num_rows),
+                "test_pairs": test_table.num_rows}
+        log(f"reward: test pairwise accuracy {accuracy:.3f} ± {test['test_accuracy_se']:.3f} on {test_table.num_rows} pairs")
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir))
@@ -226,4 +245,6 @@ def train_reward_model(
         "dropped_too_long": dropped,
         "eval_pairs": eval_table.num_rows,
         "resumed_from": resume.name if resume else None,
+        **best,
+        **test,
     }

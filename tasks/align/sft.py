@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from tasks.align.config import RewardOptions, SFTOptions
 from tasks.align.data import load_sft_table, normalize_sft_table, to_prompt_completion_dataset
 from tasks.align.devices import torch_device, training_device_kwargs
+from tasks.align.stats import ratio_difference
 
 Log = Callable[[str], None]
 OPTIONS_FILE = "alignflow_options.json"
@@ -181,26 +182,54 @@ def train_from_latest_checkpoint(trainer, checkpoint_dir: Path, lora_enabled: bo
     return result, resume, model
 
 
-def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path) -> dict[str, Any]:
-    """The TrainingArguments that SFT and the reward model share (steps, batches, schedule, checkpoints, seeds)."""
+def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path, best_metric: str,
+                      greater_is_better: bool) -> dict[str, Any]:
+    """The TrainingArguments that SFT and the reward model share.
+
+    Both train by epochs, evaluate on the validation split every epoch (or every `eval_steps`),
+    checkpoint at each evaluation, and restore the checkpoint with the best `best_metric` at the end.
+    Checkpoints and evaluations coincide because the best one must be on disk to be restored.
+    """
+    strategy = "steps" if options.eval_steps else "epoch"
     return dict(
         output_dir=str(checkpoint_dir),
-        max_steps=options.max_steps,
+        num_train_epochs=options.num_train_epochs,
+        max_steps=options.max_steps or -1,
         learning_rate=options.learning_rate,
         per_device_train_batch_size=options.per_device_train_batch_size,
+        per_device_eval_batch_size=options.per_device_train_batch_size,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         max_length=options.max_length,
         warmup_steps=options.warmup_steps,
         logging_steps=options.logging_steps,
-        save_strategy="steps",
-        save_steps=options.save_steps,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=options.eval_steps,
+        save_steps=options.eval_steps,
         save_total_limit=options.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=best_metric,
+        greater_is_better=greater_is_better,
         seed=options.seed,
         data_seed=options.seed,
         # Trainer replaces NaN losses by the running mean in its logs unless told not to.
         logging_nan_inf_filter=False,
         **training_device_kwargs(),
     )
+
+
+def early_stopping(options: SFTOptions | RewardOptions) -> list[TrainerCallback]:
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(options.early_stopping_patience)] if options.early_stopping_patience else []
+
+
+def best_checkpoint_summary(trainer) -> dict[str, Any]:
+    """Which checkpoint was restored, and its validation metric (for logs, manifests and gates)."""
+    state = trainer.state
+    best = state.best_model_checkpoint
+    return {"best_checkpoint": Path(best).name if best else None, "best_validation_metric": state.best_metric,
+            "epochs_trained": float(state.epoch or 0.0)}
 
 
 def loss_curve(log_history: list[dict], key: str = "loss") -> list[list[float]]:
@@ -228,6 +257,18 @@ def completion_nll(model, tokenizer, table: pa.Table, max_length: int = 512, bat
     The same function measures the model before and after training, and the evaluation reuses it
     for perplexity (exp of this).
     """
+    sums, counts = completion_nll_rows(model, tokenizer, table, max_length, batch_size)
+    if counts.sum() == 0:
+        raise AlignError("no completion tokens to score (all completions truncated away?)")
+    return float(sums.sum() / counts.sum())
+
+
+def completion_nll_rows(model, tokenizer, table: pa.Table, max_length: int = 512, batch_size: int = 16):
+    """Per example: the summed NLL of its completion tokens and their number (numpy arrays).
+
+    Kept per example so that a difference between two models gets a standard error over examples.
+    """
+    import numpy as np
     import torch
 
     if "prompt_messages" not in table.column_names:
@@ -239,7 +280,7 @@ def completion_nll(model, tokenizer, table: pa.Table, max_length: int = 512, bat
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -257,14 +298,12 @@ def completion_nll(model, tokenizer, table: pa.Table, max_length: int = 512, bat
             # Position t predicts token t+1.
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             losses = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+                shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
             )
-            total += float(losses)
-            count += int((shift_labels != -100).sum())
+            sums[start : start + len(chunk)] = losses.sum(1).double().cpu().numpy()
+            counts[start : start + len(chunk)] = (shift_labels != -100).sum(1).cpu().numpy()
     model.train(was_training)
-    if count == 0:
-        raise AlignError("no completion tokens to score (all completions truncated away?)")
-    return total / count
+    return sums, counts
 
 
 # ---------------------------------------------------------------- training
@@ -293,11 +332,8 @@ def build_sft_trainer(
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
-        **trainer_arguments(options, checkpoint_dir),
-        per_device_eval_batch_size=options.per_device_train_batch_size,
+        **trainer_arguments(options, checkpoint_dir, "eval_loss", greater_is_better=False),
         weight_decay=options.weight_decay,
-        eval_strategy="steps" if options.eval_steps and eval_table is not None else "no",
-        eval_steps=options.eval_steps,
         completion_only_loss=options.completion_only_loss,
     )
     quiet_progress_bars()
@@ -308,7 +344,7 @@ def build_sft_trainer(
         eval_dataset=to_prompt_completion_dataset(eval_table) if eval_table is not None else None,
         processing_class=tokenizer,
         peft_config=options.lora.peft_config("CAUSAL_LM"),
-        callbacks=callbacks,
+        callbacks=[*early_stopping(options), *(callbacks or [])],
     )
     drop_printer(trainer)
     return trainer
@@ -323,11 +359,15 @@ def train_sft(
     checkpoint_dir: Path,
     log: Log = print,
     callbacks: list[TrainerCallback] | None = None,
+    test_path: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the causal LM in `model_dir` on (prompt, completion) data; save it to `output_dir`.
 
-    Returns eval_loss_before/after (completion NLL per token on `eval_path`), steps, the
-    train_loss curve [[step, loss], ...], and where it resumed from. `callbacks` are extra
+    Trains by epochs with early stopping on the validation examples in `eval_path` and restores the
+    best checkpoint. Returns eval_loss_before/after (validation completion NLL per token), steps, the
+    train_loss curve [[step, loss], ...], the restored checkpoint, and where it resumed from. With
+    `test_path`, also the test NLL of the base and of the result with the standard error of their
+    difference (test_nll_base, test_nll_sft, test_nll_diff, test_nll_diff_se). `callbacks` are extra
     TrainerCallbacks (tests use one to inject a fault).
     """
     from transformers import AutoModelForCausalLM, set_seed
@@ -342,8 +382,11 @@ def train_sft(
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise AlignError(f"sft: the model in {model_dir} has fewer embeddings than its tokenizer has tokens")
     eval_loss_before = completion_nll(model, tokenizer, eval_table, options.max_length)
-    log(f"sft: {train_table.num_rows} train / {eval_table.num_rows} held-out examples; "
-        f"held-out completion NLL before: {eval_loss_before:.4f}")
+    test_table = load_sft_table(test_path) if test_path else None
+    test_before = completion_nll_rows(model, tokenizer, test_table, options.max_length) if test_table is not None else None
+    log(f"sft: {train_table.num_rows} train / {eval_table.num_rows} validation"
+        + (f" / {test_table.num_rows} test" if test_table is not None else "")
+        + f" examples; validation completion NLL before: {eval_loss_before:.4f}")
 
     trainer = build_sft_trainer(
         model, tokenizer, train_table, eval_table, options, checkpoint_dir,
@@ -351,7 +394,18 @@ def train_sft(
     )
     result, resume, model = train_from_latest_checkpoint(trainer, checkpoint_dir, options.lora.enabled, "sft", log)
     eval_loss_after = completion_nll(model, tokenizer, eval_table, options.max_length)
-    log(f"sft: held-out completion NLL after: {eval_loss_after:.4f} (before {eval_loss_before:.4f})")
+    best = best_checkpoint_summary(trainer)
+    log(f"sft: restored {best['best_checkpoint']} after {best['epochs_trained']:.1f} epochs; validation completion NLL "
+        f"{eval_loss_before:.4f} -> {eval_loss_after:.4f}")
+    test = {}
+    if test_before is not None:
+        test_after = completion_nll_rows(model, tokenizer, test_table, options.max_length)
+        diff, se = ratio_difference(test_after[0], test_before[0], test_before[1])
+        test = {"test_nll_base": float(test_before[0].sum() / test_before[1].sum()),
+                "test_nll_sft": float(test_after[0].sum() / test_after[1].sum()), "test_nll_diff": diff,
+                "test_nll_diff_se": se, "test_examples": test_table.num_rows}
+        log(f"sft: test completion NLL {test['test_nll_base']:.4f} (base) -> {test['test_nll_sft']:.4f} "
+            f"(difference {diff:+.4f} ± {se:.4f})")
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir))
@@ -368,4 +422,6 @@ def train_sft(
         "train_examples": train_table.num_rows,
         "eval_examples": eval_table.num_rows,
         "resumed_from": resume.name if resume else None,
+        **best,
+        **test,
     }

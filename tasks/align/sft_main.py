@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description="Supervised fine-tuning (one rank of it).")
     parser.add_argument("--model-dir", required=True, help="HF folder of the base model and its tokenizer.")
     parser.add_argument("--train", required=True, help="Parquet file (or folder) of training prompt/completion data.")
-    parser.add_argument("--eval", required=True, help="Parquet file (or folder) of held-out data.")
+    parser.add_argument("--eval", required=True, help="Parquet file (or folder) of validation data (early stopping).")
+    parser.add_argument("--test", default=None, help="Parquet file (or folder) of test data, only reported.")
     parser.add_argument("--output", required=True, help="Folder the fine-tuned model is saved to (by rank 0).")
     parser.add_argument("--checkpoint-dir", required=True, help="Folder for resumable checkpoints (shared by all ranks).")
     parser.add_argument("--options-json", default="{}", help="SFTOptions as JSON; missing fields take their defaults.")
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = Path(scratch)
     try:
         metrics = train_sft(
-            Path(args.model_dir), Path(args.train), Path(args.eval), output_dir, options, checkpoint_dir, log=log
+            Path(args.model_dir), Path(args.train), Path(args.eval), output_dir, options, checkpoint_dir, log=log,
+            test_path=Path(args.test) if args.test else None,
         )
     finally:
         if scratch is not None:
@@ -146,6 +148,7 @@ def train_sft_launched(
     launch: LaunchOptions,
     log: Log,
     env: dict[str, str] | None = None,
+    test_path: Path | None = None,
 ) -> dict[str, Any]:
     """`train_sft` in processes started by `launch`; returns its metrics (plus world_size).
 
@@ -156,6 +159,8 @@ def train_sft_launched(
     metrics_out = checkpoint_dir / "sft-metrics.json"
     metrics_out.unlink(missing_ok=True)  # never return an earlier run's numbers
     args = command_args(model_dir, train_path, eval_path, output_dir, options, checkpoint_dir, metrics_out)
+    if test_path is not None:
+        args += ["--test", str(test_path)]
     launch_module(MODULE, args, launch, log, env=env)
     return json.loads(metrics_out.read_text())
 

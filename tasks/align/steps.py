@@ -3,6 +3,11 @@
 Each stage registers what it makes (models `sft`, `rm`, `ppo`; datasets `preferences`, `eval`)
 with its lineage, and records a fingerprint of its exact inputs: a re-run with the same parameters
 reuses finished stages and resumes the interrupted one from its checkpoints.
+
+The data is split once, by prompt, into train, validation and test; preference pairs and PPO
+prompts keep their prompt's side. Validation chooses (early stopping, best checkpoint); test only
+reports, and each training stage ends in the state of its quality gate (`tasks.align.gates`): a
+result that does not beat its predecessor there is named Regressed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pydantic import BaseModel, Field
 from storage import atomic
 from storage.registry import Registry, fingerprint
 from tasks.align.config import PreferenceOptions, RewardOptions, SFTOptions, SplitOptions
+from tasks.align.gates import Gate, GateOptions, policy_gate, reward_gate, sft_gate, stage_state
 from tasks.align.ppo import PPOOptions
 from tasks.generation.config import GeneratorConfig, resolve_local_model
 from tasks.generation.params import DecodingParams
@@ -30,7 +36,7 @@ from tasks.publish import markdown_image, plot_curves, publish_markdown, publish
 class EvalOptions(BaseModel):
     """How the aligned models are compared on held-out prompts."""
 
-    max_prompts: int = Field(64, ge=2, description="Held-out prompts answered by every model.")
+    max_prompts: int = Field(256, ge=2, description="Most test prompts answered by every model (the first ones of the test split).")
     decoding: DecodingParams = Field(
         default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, max_new_tokens=40, seed=0),
         description="Decoding of the evaluation answers (the same for every model).")
@@ -38,22 +44,48 @@ class EvalOptions(BaseModel):
         None, description="An LLM judge for the win rate of PPO vs SFT, asked twice with positions swapped (a registry ref, a folder or an endpoint). Empty: the reward model's win rate only.")
 
 
-class AlignConfig(BaseModel):
+class AlignConfig(GateOptions):
     """Base model + instruction dataset in, SFT, reward and PPO models and an evaluation table out."""
 
     model: str | None = Field(None, description="The base model: a registry model ref (name or name@version) or a local HF folder. Empty: the model that generated the dataset (its lineage), else the latest 'base'.")
     dataset: str = Field("self-instruct", description="The instruction data: a registry dataset ref (its sft table is used) or a Parquet file with prompt/completion or messages.")
-    split: SplitOptions = Field(default_factory=SplitOptions, description="The deterministic train/held-out split.")
+    split: SplitOptions = Field(default_factory=SplitOptions, description="The deterministic train/validation/test split.")
     sft: SFTOptions = Field(default_factory=SFTOptions, description="Supervised fine-tuning (TRL SFTTrainer).")
     sft_launch: LaunchOptions = Field(default_factory=LaunchOptions, description="Run SFT in this process, or through accelerate/torchrun with N processes (multi-GPU, DeepSpeed/FSDP configs).")
     preferences: PreferenceOptions = Field(default_factory=PreferenceOptions, description="Preference pairs: sampling and the judge.")
     judge_generator: GeneratorConfig | None = Field(None, description="The LLM judge's generator when preferences.judge is 'llm' (default: the SFT model).")
     reward: RewardOptions = Field(default_factory=RewardOptions, description="Reward model (TRL RewardTrainer).")
-    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO against the reward model (TRL PPOTrainer).")
-    evaluation: EvalOptions = Field(default_factory=EvalOptions, description="The final comparison of base, SFT and PPO.")
+    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO against the reward model (the project's own PPO).")
+    evaluation: EvalOptions = Field(default_factory=EvalOptions, description="The final comparison of base, SFT and PPO on the test split.")
     skip_ppo: bool = Field(False, description="Leave PPO out (the evaluation then compares base and SFT).")
     stop_after: Literal["preferences", "reward", "evaluation"] = Field(
         "evaluation", description="Stop after this stage, e.g. 'preferences' to collect human labels first and train later.")
+
+
+class AlignData(BaseModel):
+    """The resolved inputs and the split files, in the align run's work folder."""
+
+    work: str
+    base_dir: str
+    parents: list[str]
+    train: str
+    validation: str
+    test: str
+
+
+class StageResult(BaseModel):
+    """What a training stage hands on: its registered model, its metrics, and its gate."""
+
+    stage: str
+    ref: str
+    dir: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: Gate | None = None
+
+
+class EvaluationResult(BaseModel):
+    ref: str
+    gates: dict[str, Gate]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -112,146 +144,197 @@ def curve_png(points, title: str, ylabel: str) -> bytes:
 # ---- stages ------------------------------------------------------------------------------------
 
 
-@task(name="prepare-align-data")
-def prepare_data(config: AlignConfig) -> dict[str, Any]:
-    """Resolve the inputs and write the deterministic train/held-out split into the work folder."""
-    from tasks.align.data import load_sft_table, split_train_eval
+def split_files(config: AlignConfig) -> AlignData:
+    """Resolve the inputs and write the deterministic train/validation/test split into the work folder."""
+    from tasks.align.data import SPLITS, load_sft_table, split_three_ways
 
     base_dir, base_parent = model_folder(base_model_of(config))
     sft_file, data_parent = dataset_sft_file(config.dataset)
     table = load_sft_table(sft_file)
-    train, held_out = split_train_eval(table, config.split.eval_fraction, config.split.seed)
+    parts = split_three_ways(table, config.split.validation_fraction, config.split.test_fraction, config.split.seed)
     work = Registry().work_dir("align", fingerprint(str(base_dir), base_parent, data_parent, str(sft_file), config.split.model_dump()))
-    atomic.write_parquet(work / "train.parquet", train)
-    atomic.write_parquet(work / "heldout.parquet", held_out)
-    run_logger().info(f"{table.num_rows} examples: {train.num_rows} train, {held_out.num_rows} held out")
-    return {"work": str(work), "base_dir": str(base_dir), "parents": [p for p in (base_parent, data_parent) if p],
-            "train": str(work / "train.parquet"), "heldout": str(work / "heldout.parquet")}
+    for name in SPLITS:
+        atomic.write_parquet(work / f"{name}.parquet", parts[name])
+    run_logger().info(f"{table.num_rows} examples: " + ", ".join(f"{parts[n].num_rows} {n}" for n in SPLITS))
+    return AlignData(work=str(work), base_dir=str(base_dir), parents=[p for p in (base_parent, data_parent) if p],
+                     **{name: str(work / f"{name}.parquet") for name in SPLITS})
+
+
+prepare_data = task(name="prepare-align-data")(split_files)
+
+
+def stage_result(stage: str, ref: str, gate_of=None, config: GateOptions | None = None) -> StageResult:
+    """A registered model as a stage result, its gate recomputed from the manifest's metrics."""
+    version = Registry().resolve("model", ref)
+    metrics = dict(version.manifest.metrics)
+    gate = gate_of(metrics, config) if gate_of and config else None
+    return StageResult(stage=stage, ref=ref, dir=str(version.path), metrics=metrics, gate=gate)
 
 
 @task(name="sft")
-def sft_step(config: AlignConfig, data: dict[str, Any]) -> dict[str, Any]:
+def sft_step(config: AlignConfig, data: AlignData):
+    """Fine-tune the base model; its gate: test NLL below the base model's."""
     from tasks.align.sft import train_sft
 
-    key = fingerprint("sft", data["parents"], data["base_dir"], config.sft.model_dump(mode="json"), config.split.model_dump())
+    key = fingerprint("sft", data.parents, data.base_dir, config.sft.model_dump(mode="json"), config.split.model_dump())
     ref = reuse("model", "sft", key)
     if not ref:
         work = Registry().work_dir("align-sft", key)
-        inputs = (Path(data["base_dir"]), Path(data["train"]), Path(data["heldout"]), work / "model", config.sft, work / "checkpoints")
+        inputs = (Path(data.base_dir), Path(data.train), Path(data.validation), work / "model", config.sft, work / "checkpoints")
         if config.sft_launch.launcher == "none" and config.sft_launch.num_processes == 1:
-            metrics = train_sft(*inputs, log=run_logger().info)
+            metrics = train_sft(*inputs, log=run_logger().info, test_path=Path(data.test))
         else:
             from tasks.align.sft_main import train_sft_launched
 
             # The launcher's output streams into this task's log; a failed rank fails the task.
-            metrics = train_sft_launched(*inputs, launch=config.sft_launch, log=run_logger().info)
+            metrics = train_sft_launched(*inputs, launch=config.sft_launch, log=run_logger().info, test_path=Path(data.test))
         png = curve_png(metrics.get("train_loss", []), "SFT training loss", "loss")
-        ref = register_folder("model", "sft", work / "model", config.sft, data["parents"], metrics, key, {"loss_curve.png": png})
-        publish_markdown("align-sft", f"# {ref}\n\nHeld-out completion loss {metrics['eval_loss_before']:.3f} → **{metrics['eval_loss_after']:.3f}**\n\n"
-                         f"{markdown_image(png, 'SFT loss')}\n", "Supervised fine-tuning: held-out loss and the training curve.")
-    return {"ref": ref, "dir": str(Registry().resolve("model", ref).path)}
+        ref = register_folder("model", "sft", work / "model", config.sft, data.parents, metrics, key, {"loss_curve.png": png})
+        publish_markdown("align-sft", f"# {ref}\n\nValidation completion loss {metrics['eval_loss_before']:.3f} → "
+                         f"**{metrics['eval_loss_after']:.3f}** (restored {metrics.get('best_checkpoint')}); test NLL base "
+                         f"{metrics['test_nll_base']:.3f} → SFT **{metrics['test_nll_sft']:.3f}** "
+                         f"(± {metrics['test_nll_diff_se']:.3f})\n\n{markdown_image(png, 'SFT loss')}\n",
+                         "Supervised fine-tuning: validation and test loss and the training curve.")
+    result = stage_result("sft", ref, sft_gate, config)
+    return stage_state(result.gate, config, result)
 
 
-def build_preference_table(config: AlignConfig, data: dict[str, Any], sft: dict[str, Any], ask=None) -> pa.Table:
+def preference_prompts(data: AlignData) -> pa.Table:
+    """Every split's prompts with their side: the RM trains, stops and reports on the same sides as SFT."""
+    tables = []
+    for name in ("train", "validation", "test"):
+        table = pq.read_table(getattr(data, name))
+        tables.append(table.append_column("split", pa.array([name] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
+def build_preference_table(config: AlignConfig, data: AlignData, sft: StageResult, ask=None, splits=("train", "validation", "test")) -> pa.Table:
     """Sample from the SFT model and judge the samples (plain function: the human judge pauses the flow)."""
     from tasks.align.preferences import build_preferences
     from tasks.generation.config import load_generator
     from tasks.generation.local import LocalGenerator
 
-    table = pq.read_table(data["train"])
-    generator = LocalGenerator(Path(sft["dir"]), identity_name=sft["ref"])
+    prompts = preference_prompts(data)
+    prompts = prompts.filter(pa.array([s in splits for s in prompts["split"].to_pylist()]))
+    side = dict(zip(prompts["prompt"].to_pylist(), prompts["split"].to_pylist()))
+    generator = LocalGenerator(Path(sft.dir), identity_name=sft.ref)
     judge = None
     if config.preferences.judge == "llm":
         judge = load_generator(config.judge_generator, Registry()) if config.judge_generator else generator
-    return build_preferences(table if config.preferences.judge != "file" else None, config.preferences, generator=generator,
-                             judge_generator=judge, ask=ask, log=run_logger().info)
+    report: dict[str, Any] = {}
+    table = build_preferences(prompts.drop_columns(["split"]) if config.preferences.judge != "file" else None, config.preferences,
+                              generator=generator, judge_generator=judge, ask=ask, log=run_logger().info, report=report)
+    if "split" not in table.column_names:
+        # Imported labels may hold prompts the dataset does not: they get a side from the same hash.
+        from tasks.align.data import side_of
+
+        sides = [side.get(p) or side_of(p, config.split.validation_fraction, config.split.test_fraction, config.split.seed)
+                 for p in table["prompt"].to_pylist()]
+        table = table.append_column("split", pa.array(sides, pa.string()))
+    return table.replace_schema_metadata({b"judge_report": json.dumps(report).encode()})
 
 
-def preferences_key(config: AlignConfig, sft: dict[str, Any]) -> str:
-    return fingerprint("preferences", sft["ref"], config.preferences.model_dump(mode="json"), config.split.model_dump())
+def preferences_key(config: AlignConfig, sft: StageResult) -> str:
+    return fingerprint("preferences", sft.ref, config.preferences.model_dump(mode="json"), config.split.model_dump())
 
 
 @task(name="register-preferences")
-def register_preferences(config: AlignConfig, data: dict[str, Any], sft: dict[str, Any], table_path: str) -> str:
+def register_preferences(config: AlignConfig, data: AlignData, sft: StageResult, table_path: str) -> str:
     from tasks.align.preferences import preference_stats
 
     table = pq.read_table(table_path)
+    report = json.loads((table.schema.metadata or {}).get(b"judge_report", b"{}"))
     registry = Registry()
-    with registry.new_version("dataset", "preferences", config=config.preferences, parents=[f"model:{sft['ref']}", *data["parents"][1:]]) as draft:
-        atomic.write_parquet(draft.path / "preferences.parquet", table)
-        draft.metrics.update(preference_stats(table))
-        draft.extra["fingerprint"] = preferences_key(config, sft)
-    publish_table("align-preference-samples", table.slice(0, 10).select(["prompt", "chosen", "rejected", "judge"]).to_pylist(),
+    with registry.new_version("dataset", "preferences", config=config.preferences, parents=[f"model:{sft.ref}", *data.parents[1:]]) as draft:
+        atomic.write_parquet(draft.path / "preferences.parquet", table.replace_schema_metadata(None))
+        stats = preference_stats(table)
+        draft.metrics.update(stats)
+        draft.extra.update(fingerprint=preferences_key(config, sft), judge_report=report)
+    publish_table("align-judge", [{"statistic": k, "value": v} for k, v in {**stats, **report}.items() if isinstance(v, (int, float))],
+                  f"The {config.preferences.judge} judge's statistics for {draft.ref}: pairs, length bias, ties, agreement.")
+    publish_table("align-preference-samples", table.slice(0, 10).select(["prompt", "chosen", "rejected", "judge", "split"]).to_pylist(),
                   f"First preference pairs of {draft.ref}.")
     return draft.ref
 
 
 @task(name="reward-model")
-def reward_step(config: AlignConfig, sft: dict[str, Any], preferences_ref: str) -> dict[str, Any]:
-    from tasks.align.data import split_train_eval
+def reward_step(config: AlignConfig, sft: StageResult, preferences_ref: str):
+    """Train the reward model on the train pairs, stop early on validation; its gate: test accuracy above chance."""
     from tasks.align.reward import train_reward_model
 
-    key = fingerprint("rm", sft["ref"], preferences_ref, config.reward.model_dump(mode="json"))
+    key = fingerprint("rm", sft.ref, preferences_ref, config.reward.model_dump(mode="json"))
     ref = reuse("model", "rm", key)
     if not ref:
         work = Registry().work_dir("align-rm", key)
         prefs = pq.read_table(Registry().resolve("dataset", preferences_ref).file("preferences.parquet"))
-        # Another salt than the instruction split's: the same seed would put the RM's held-out pairs
-        # in a slice of the hash range that SFT's split already shapes.
-        train, held_out = split_train_eval(prefs, config.reward.eval_fraction, config.reward.seed + 1_000_003)
-        atomic.write_parquet(work / "train.parquet", train)
-        atomic.write_parquet(work / "heldout.parquet", held_out)
-        metrics = train_reward_model(Path(sft["dir"]), work / "train.parquet", work / "heldout.parquet", work / "model", config.reward,
-                                     work / "checkpoints", log=run_logger().info)
-        ref = register_folder("model", "rm", work / "model", config.reward, [f"model:{sft['ref']}", f"dataset:{preferences_ref}"], metrics, key)
+        paths = {}
+        for name in ("train", "validation", "test"):
+            part = prefs.filter(pa.array([s == name for s in prefs["split"].to_pylist()]))
+            if part.num_rows == 0:
+                raise ValueError(f"{preferences_ref}: no preference pairs in the {name} split; sample more prompts")
+            paths[name] = atomic.write_parquet(work / f"{name}.parquet", part)
+        metrics = train_reward_model(Path(sft.dir), paths["train"], paths["validation"], work / "model", config.reward,
+                                     work / "checkpoints", log=run_logger().info, test_prefs=paths["test"])
+        ref = register_folder("model", "rm", work / "model", config.reward, [f"model:{sft.ref}", f"dataset:{preferences_ref}"], metrics, key)
         publish_table("align-reward-model", [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float))],
-                      f"Reward model {ref}: held-out pairwise accuracy before and after training.")
-    return {"ref": ref, "dir": str(Registry().resolve("model", ref).path)}
+                      f"Reward model {ref}: pairwise accuracy on validation (before and after) and on test.")
+    result = stage_result("rm", ref, reward_gate, config)
+    return stage_state(result.gate, config, result)
 
 
 @task(name="ppo")
-def ppo_step(config: AlignConfig, data: dict[str, Any], sft: dict[str, Any], rm: dict[str, Any]) -> dict[str, Any]:
+def ppo_step(config: AlignConfig, data: AlignData, sft: StageResult, rm: StageResult) -> StageResult:
+    """PPO on the train prompts against the RM; its gate is decided by the test evaluation."""
     from tasks.align.ppo import train_ppo
 
-    key = fingerprint("ppo", sft["ref"], rm["ref"], config.ppo.model_dump(mode="json"), config.split.model_dump())
+    key = fingerprint("ppo", sft.ref, rm.ref, config.ppo.model_dump(mode="json"), config.split.model_dump())
     ref = reuse("model", "ppo", key)
     if not ref:
         work = Registry().work_dir("align-ppo", key)
-        prompts = pq.read_table(data["train"]).select(["prompt"])
+        prompts = pq.read_table(data.train).select(["prompt"])
         atomic.write_parquet(work / "prompts.parquet", prompts)
-        result = train_ppo(Path(sft["dir"]), Path(rm["dir"]), work / "prompts.parquet", work / "model", config.ppo, work / "checkpoints",
+        result = train_ppo(Path(sft.dir), Path(rm.dir), work / "prompts.parquet", work / "model", config.ppo, work / "checkpoints",
                            log=run_logger().info)
         updates = result.get("updates", [])
         series = {name: [(u["update"], u[name]) for u in updates if name in u] for name in ("score", "kl")}
         png = plot_curves(series, "PPO: reward model score and KL per update", "update", "value")
         final = {k: v for k, v in (updates[-1] if updates else {}).items() if isinstance(v, (int, float))}
-        ref = register_folder("model", "ppo", work / "model", config.ppo, [f"model:{sft['ref']}", f"model:{rm['ref']}"], final, key,
+        ref = register_folder("model", "ppo", work / "model", config.ppo, [f"model:{sft.ref}", f"model:{rm.ref}"], final, key,
                               {"ppo_curves.png": png, "ppo_updates.json": json.dumps(updates).encode()})
         publish_markdown("align-ppo", f"# {ref}\n\n{markdown_image(png, 'PPO curves')}\n", "PPO reward and KL per update.")
-    return {"ref": ref, "dir": str(Registry().resolve("model", ref).path)}
+    return stage_result("ppo", ref)
 
 
 @task(name="evaluate")
-def evaluate_step(config: AlignConfig, data: dict[str, Any], models: dict[str, dict[str, Any]], rm: dict[str, Any]) -> str:
+def evaluate_step(config: AlignConfig, data: AlignData, models: dict[str, StageResult], rm: StageResult):
+    """Base vs SFT vs PPO on the test prompts; registers the eval dataset with every stage's gate.
+
+    The task's state is the policy gate's (PPO against SFT): the evaluation is where PPO is judged.
+    """
     from tasks.align.evaluate import evaluate_models, metrics_rows, write_eval_tables
 
-    held_out = pq.read_table(data["heldout"]).slice(0, config.evaluation.max_prompts)
-    folders = {"base": Path(data["base_dir"]), **{name: Path(m["dir"]) for name, m in models.items()}}
+    test = pq.read_table(data.test).slice(0, config.evaluation.max_prompts)
+    folders = {"base": Path(data.base_dir), **{name: Path(m.dir) for name, m in models.items()}}
     judge = None
     if config.evaluation.judge:
         from tasks.align.preferences import single_verdict_judge
         from tasks.generation.config import load_generator
 
         judge = single_verdict_judge(load_generator(config.evaluation.judge, Registry()))
-    result = evaluate_models(folders, Path(rm["dir"]), held_out["prompt"].to_pylist(), held_out["completion"].to_pylist(),
+    result = evaluate_models(folders, Path(rm.dir), test["prompt"].to_pylist(), test["completion"].to_pylist(),
                              config.evaluation.decoding, reference_model="sft", judge=judge, log=run_logger().info)
-    registry = Registry()
-    parents = [*data["parents"], *(f"model:{m['ref']}" for m in models.values()), f"model:{rm['ref']}"]
-    with registry.new_version("dataset", "eval", config=config.evaluation, parents=parents) as draft:
+    gates = {m.stage: m.gate for m in (*models.values(), rm) if m.gate is not None}
+    policy = next((name for name in models if name != "sft"), None)
+    if policy:
+        gates[policy] = policy_gate(policy, result, config)
+    result["gates"] = {stage: gate.entry() for stage, gate in gates.items()}
+    parents = [*data.parents, *(f"model:{m.ref}" for m in models.values()), f"model:{rm.ref}"]
+    with Registry().new_version("dataset", "eval", config=config.evaluation, parents=parents) as draft:
         tables = write_eval_tables(result, draft.path)
         samples = pq.read_table(tables["samples"]).slice(0, 8).to_pylist()
         atomic.write_json(draft.path / "evaluation.json", result)
-    rows = metrics_rows(result)
-    publish_table("align-evaluation", rows, f"Base vs SFT vs PPO on {held_out.num_rows} held-out prompts ({draft.ref}).")
-    publish_table("align-samples", samples, "The same held-out prompts answered by base, SFT and PPO.")
-    return draft.ref
+        draft.metrics.update({f"gate_{stage}_passed": gate.passed for stage, gate in gates.items()})
+    publish_table("align-evaluation", metrics_rows(result), f"Base vs SFT vs PPO on {test.num_rows} test prompts ({draft.ref}).")
+    publish_table("align-samples", samples, "The same test prompts answered by base, SFT and PPO.")
+    outcome = EvaluationResult(ref=draft.ref, gates=gates)
+    return stage_state(gates[policy], config, outcome) if policy else outcome

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +34,9 @@ class PretrainConfig(BaseModel):
 
     corpus: list[str] = Field(default_factory=list, description="Corpus files or globs: .txt/.md (blank-line separated), .jsonl/.json (a text field), .parquet (a text column). Empty: the built-in demo corpus.")
     text_field: str = Field("text", min_length=1, description="The JSONL/JSON field or Parquet column holding the text.")
-    demo_documents: int = Field(6000, ge=10, description="With the demo corpus: how many standard-library docstrings to take.")
+    demo_documents: int = Field(1500, ge=10, description="With the demo corpus: how many standard-library docstrings to take.")
+    demo_world_tasks: int = Field(3000, ge=0, description="With the demo corpus: how many tasks of the demo task world (tasks.self_instruct.demo_world) to show in the self-instruct formats.")
+    language: Literal["en", "ko"] = Field("en", description="With the demo corpus: the language of its task world and seed documents.")
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="Cleaning rules and thresholds.")
     training: TrainingOptions = Field(default_factory=TrainingOptions, description="Tokenizer, model and training settings.")
     dataset_name: str = Field("corpus-clean", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name of the cleaned corpus.")
@@ -48,16 +51,18 @@ class PretrainConfig(BaseModel):
         return value
 
 
-def demo_corpus_file(registry: Registry, documents: int) -> Path:
-    """The demo corpus (stdlib docstrings + demo seed tasks), built once per registry root."""
+def demo_corpus_file(registry: Registry, documents: int, world_tasks: int = 0, language: str = "en") -> Path:
+    """The demo corpus (stdlib docstrings + the demo task world in the self-instruct formats), built once per registry root."""
     from tasks.pretrain.demo_corpus import build_demo_corpus
-
     from tasks.self_instruct.demo_documents import seed_documents
+    from tasks.self_instruct.demo_world import world_tasks as world
     from tasks.self_instruct.seeds import demo_seed_path, load_seed_tasks
 
-    path = registry.local_dir("demo") / f"corpus-{documents}.jsonl"
+    path = registry.local_dir("demo") / f"corpus-{language}-{documents}-{world_tasks}.jsonl"
     if not path.exists():
-        extra = seed_documents(load_seed_tasks(demo_seed_path("en")), "en") + seed_documents(load_seed_tasks(demo_seed_path("ko")), "ko", copies=5)
+        extra = seed_documents(load_seed_tasks(demo_seed_path(language)), language, copies=5)
+        if world_tasks:
+            extra += seed_documents(world(language, world_tasks), language, copies=1)
         build_demo_corpus(path, max_documents=documents, extra_documents=extra)
     return path
 
@@ -67,7 +72,7 @@ def prepare_corpus(config: PretrainConfig) -> dict:
     """Read, clean and register the corpus; returns its ref and the cleaning funnel."""
     logger = run_logger()
     registry = Registry()
-    sources = config.corpus or [str(demo_corpus_file(registry, config.demo_documents))]
+    sources = config.corpus or [str(demo_corpus_file(registry, config.demo_documents, config.demo_world_tasks, config.language))]
     documents = read_corpus(sources, text_field=config.text_field)
     result = require_nonempty(clean_corpus(documents, config.cleaning), sources)
     funnel = result.funnel_dict()

@@ -75,6 +75,8 @@ class SelfInstructConfig(BaseModel):
         description="Decoding of instances. The paper decodes greedily with GPT-3; small models loop under greedy decoding, so the default samples. Classification answers are always greedy.")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="Reject an instruction whose ROUGE-L F with any seed or kept instruction is above this.")
     max_instances: int = Field(5, ge=1, le=100, description="Most instances kept per task.")
+    instance_attempts: int = Field(4, ge=1, le=32, description="Tries per instruction at generating usable instances: an instruction whose instances all fail to parse or pass the filters is asked again with fresh samples, up to this many times in all. Instructions still without instances are counted in the funnel and left out.")
+    min_machine_instructions: int = Field(1, ge=0, description="Refuse to register a dataset with fewer machine instructions (with instances) than this; the error says what was kept and why candidates were rejected. 0 allows a seeds-only dataset.")
     seed: int = Field(0, ge=0, description="Seed of prompt sampling and generation.")
     dataset_name: str = Field("self-instruct", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name of the resulting dataset.")
 
@@ -327,24 +329,45 @@ def _classification_labels(work: Path, state: dict[str, Any]) -> dict[str, bool]
 
 def _instances_shard(config: SelfInstructConfig, generator: Generator, requests: list[dict[str, Any]],
                      decoding: DecodingParams) -> list[dict[str, Any]]:
-    """Generate, parse and filter the instances of each instruction (output-first for classification)."""
+    """Generate, parse and filter the instances of each instruction (output-first for classification).
+
+    A small generator often writes nothing parseable on the first try, so an instruction left
+    without instances is asked again with a fresh seed, up to `instance_attempts` tries in all.
+    The seeds depend on the attempt number only: the result stays a function of the shard.
+    """
     primers = [INSTANCE_PRIMERS[(config.language, r["is_classification"])] for r in requests]
     prompts = [render_instance_prompt(r["instruction"], r["is_classification"], config.language) + primer
                for r, primer in zip(requests, primers)]
-    rows = []
-    for request, primer, completion in zip(requests, primers, generator.complete(prompts, decoding)):
-        parsed = parse_instances(primer.lstrip("\n") + completion.text, request["is_classification"], finish_reason=completion.finish_reason)
-        kept_instances, counts, dropped = filter_instances(parsed, config.max_instances)
-        rows.append({
-            "instruction_id": request["instruction_id"], "parsed": len(parsed), "task_dropped": dropped, "counts": json.dumps(counts),
-            "inputs": [i.input for i in kept_instances], "outputs": [i.output for i in kept_instances],
-        })
-    return rows
+    rows: list[dict[str, Any] | None] = [None] * len(requests)
+    pending = list(range(len(requests)))
+    for attempt in range(config.instance_attempts):
+        params = decoding if attempt == 0 else decoding.model_copy(update={"seed": (decoding.seed or 0) + 7919 * attempt})
+        completions = generator.complete([prompts[i] for i in pending], params)
+        still_pending = []
+        for i, completion in zip(pending, completions):
+            parsed = parse_instances(primers[i].lstrip("\n") + completion.text, requests[i]["is_classification"],
+                                     finish_reason=completion.finish_reason)
+            kept_instances, counts, dropped = filter_instances(parsed, config.max_instances)
+            previous = rows[i]
+            if previous is not None:  # the funnel counts what every try rejected
+                earlier = json.loads(previous["counts"])
+                counts = {k: counts.get(k, 0) + earlier.get(k, 0) for k in counts.keys() | earlier.keys()}
+            rows[i] = {
+                "instruction_id": requests[i]["instruction_id"], "parsed": len(parsed) + (previous["parsed"] if previous else 0),
+                "task_dropped": dropped, "counts": json.dumps(counts), "attempts": attempt + 1,
+                "inputs": [x.input for x in kept_instances], "outputs": [x.output for x in kept_instances],
+            }
+            if not kept_instances:
+                still_pending.append(i)
+        pending = still_pending
+        if not pending:
+            break
+    return rows  # type: ignore[return-value]
 
 
 INSTANCES_PART_SCHEMA = pa.schema([
     ("instruction_id", pa.string()), ("parsed", pa.int64()), ("task_dropped", pa.bool_()), ("counts", pa.string()),
-    ("inputs", pa.list_(pa.string())), ("outputs", pa.list_(pa.string())),
+    ("attempts", pa.int64()), ("inputs", pa.list_(pa.string())), ("outputs", pa.list_(pa.string())),
 ])
 
 
@@ -391,7 +414,9 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
             instance_counts[reason] = instance_counts.get(reason, 0) + count
     funnel["instances"] = {"parsed": sum(r["parsed"] for r in instance_rows), **instance_counts,
                            "kept": sum(len(r["inputs"]) for r in instance_rows if r["instruction_id"] not in dropped_tasks),
-                           "tasks_dropped": len(dropped_tasks & {machine_instruction_id(i) for i in range(len(kept_rows))})}
+                           "tasks_dropped": len(dropped_tasks & {machine_instruction_id(i) for i in range(len(kept_rows))}),
+                           "retried_tasks": sum(1 for r in instance_rows if (r.get("attempts") or 1) > 1),
+                           "tries": sum(r.get("attempts") or 1 for r in instance_rows)}
     instruction_table = pa.Table.from_pylist(instructions, schema=INSTRUCTIONS)
     instance_table = pa.Table.from_pylist(instances, schema=INSTANCES)
     tables = {
@@ -401,6 +426,28 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
         "sft": sft_table(instruction_table, instance_table),
     }
     return tables, funnel
+
+
+class DatasetTooSmallError(ValueError):
+    """Self-instruct kept fewer usable machine instructions than the configured minimum; nothing is registered."""
+
+
+def check_dataset_size(config: SelfInstructConfig, tables: dict[str, pa.Table], funnel: dict[str, Any]) -> None:
+    """Refuse a dataset below `min_machine_instructions`, saying what was kept and why the rest was rejected."""
+    usable = sum(1 for origin in tables["instructions"].column("origin").to_pylist() if origin == "machine")
+    if usable >= config.min_machine_instructions:
+        return
+    rejected = ", ".join(f"{reason} {count}" for reason, count in funnel["rejected"].items() if count) or "none"
+    instances = funnel["instances"]
+    raise DatasetTooSmallError(
+        f"self-instruct: {usable} machine instructions with instances, fewer than min_machine_instructions="
+        f"{config.min_machine_instructions}; nothing was registered. {funnel['requests']} requests gave "
+        f"{funnel['candidates']} candidate instructions ({funnel['unparseable_responses']} responses unparseable, "
+        f"{funnel['failed_requests']} requests failed); rejected: {rejected}; kept {funnel['kept']}, of which "
+        f"{instances['tasks_dropped']} got no usable instances in {config.instance_attempts} tries. "
+        f"Is the generator ({config.generator.backend} {config.generator.model or 'latest base'}) trained for "
+        f"language {config.language!r}?"
+    )
 
 
 def instruction_funnel(candidate_rows: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,11 @@ def register_dataset_step(config: SelfInstructConfig, prepared: dict[str, Any]) 
     work = Path(prepared["work"])
     seeds = load_seeds(config)
     tables, funnel = pipeline.assemble_tables(config, seeds, work)
+    try:
+        pipeline.check_dataset_size(config, tables, funnel)
+    except pipeline.DatasetTooSmallError:
+        publish_funnel(funnel, f"the unregistered run in {work}")  # the UI shows why
+        raise
     if tables["instructions"].num_rows == len(seeds):
         run_logger().warning("no machine instruction was kept: the dataset holds the seeds only")
     registry = Registry()

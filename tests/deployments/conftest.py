@@ -28,9 +28,9 @@ TINY = {
     "self-instruct": {"num_instructions": 5, "max_requests": 8, "requests_per_batch": 8, "generator": {"batch_size": 8},
                       "bootstrap_decoding": {"max_new_tokens": 32}, "instance_decoding": {"max_new_tokens": 24}},
     "align": {
-        "sft": {"max_steps": 10, "per_device_train_batch_size": 4, "max_length": 128, "save_steps": 10, "logging_steps": 5},
+        "sft": {"max_steps": 10, "per_device_train_batch_size": 4, "max_length": 128, "eval_steps": 10, "logging_steps": 5},
         "preferences": {"num_samples": 2, "max_prompts": 8, "pairs_per_prompt": 1, "decoding": {"max_new_tokens": 16}},
-        "reward": {"max_steps": 10, "per_device_train_batch_size": 4, "max_length": 128, "save_steps": 10, "logging_steps": 5},
+        "reward": {"max_steps": 10, "per_device_train_batch_size": 4, "max_length": 128, "eval_steps": 10, "logging_steps": 5},
         "ppo": {"total_updates": 1, "per_device_train_batch_size": 4, "num_mini_batches": 1, "num_ppo_epochs": 1,
                 "response_length": 16, "max_prompt_length": 128},
         "evaluation": {"max_prompts": 4, "decoding": {"max_new_tokens": 16}},

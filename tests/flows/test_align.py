@@ -32,10 +32,10 @@ def instruction_file(tmp_path):
 
 def tiny_config(model, dataset, **overrides) -> AlignConfig:
     values = dict(
-        model=str(model), dataset=str(dataset), split=SplitOptions(eval_fraction=0.2, seed=0),
-        sft=SFTOptions(max_steps=30, learning_rate=3e-3, per_device_train_batch_size=8, save_steps=15, logging_steps=10),
+        model=str(model), dataset=str(dataset), split=SplitOptions(validation_fraction=0.2, test_fraction=0.2, seed=0),
+        sft=SFTOptions(max_steps=30, learning_rate=3e-3, per_device_train_batch_size=8, eval_steps=15, logging_steps=10),
         preferences=PreferenceOptions(num_samples=2, max_prompts=12, decoding=DecodingParams(strategy="sample", temperature=1.0, max_new_tokens=12)),
-        reward=RewardOptions(max_steps=10, per_device_train_batch_size=4, save_steps=10, logging_steps=5),
+        reward=RewardOptions(max_steps=10, per_device_train_batch_size=4, eval_steps=10, logging_steps=5),
         ppo=PPOOptions(total_updates=2, per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=1, response_length=8, checkpoint_every=1),
         evaluation=EvalOptions(max_prompts=4, decoding=DecodingParams(strategy="sample", temperature=0.7, max_new_tokens=8)),
     )

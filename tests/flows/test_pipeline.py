@@ -25,9 +25,9 @@ def test_pipeline_end_to_end_links_every_ref(registry_root):
                                          bootstrap_decoding=DecodingParams(max_new_tokens=48),
                                          instance_decoding=DecodingParams(max_new_tokens=32)),
         align=AlignConfig(
-            sft=SFTOptions(max_steps=10, per_device_train_batch_size=8, save_steps=10),
+            sft=SFTOptions(max_steps=10, per_device_train_batch_size=8, eval_steps=10),
             preferences=PreferenceOptions(num_samples=2, max_prompts=16, decoding=DecodingParams(max_new_tokens=8)),
-            reward=RewardOptions(max_steps=5, per_device_train_batch_size=4, save_steps=5, eval_fraction=0.3),
+            reward=RewardOptions(max_steps=5, per_device_train_batch_size=4, eval_steps=5),
             ppo=PPOOptions(total_updates=1, per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=1, response_length=8),
             evaluation=EvalOptions(max_prompts=4, decoding=DecodingParams(max_new_tokens=8)),
         ),

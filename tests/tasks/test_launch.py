@@ -319,7 +319,7 @@ def test_sft_through_accelerate_with_two_cpu_processes_is_registered(registered_
     from tasks.align.sft_main import train_sft_launched
 
     registry, data, base = registered_inputs["registry"], registered_inputs["data"], registered_inputs["base"]
-    options = SFTOptions(max_steps=20, learning_rate=3e-3, per_device_train_batch_size=4, logging_steps=5, save_steps=10)
+    options = SFTOptions(max_steps=20, learning_rate=3e-3, per_device_train_batch_size=4, logging_steps=5, eval_steps=10)
     launch = LaunchOptions(launcher="accelerate", num_processes=2, cpu=True)
     checkpoints = registry.work_dir("align-test", "sft-2proc")
     lines: list[str] = []

@@ -125,7 +125,7 @@ def sft_run(align_base_dir, instruction_data) -> dict:
         instruction_data["train"],
         instruction_data["eval"],
         out,
-        SFTOptions(max_steps=SFT_STEPS, learning_rate=2e-3, per_device_train_batch_size=8, save_steps=100, seed=0),
+        SFTOptions(max_steps=SFT_STEPS, learning_rate=2e-3, per_device_train_batch_size=8, eval_steps=100, seed=0),
         _ALIGN_TMP / "sft-checkpoints",
         log=lines.append,
     )

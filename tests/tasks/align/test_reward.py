@@ -58,7 +58,7 @@ def test_the_score_is_read_at_the_eos_token(sft_model_dir, unwanted_preferences,
 @pytest.mark.slow
 def test_reward_model_learns_to_penalise_an_unwanted_addition(sft_model_dir, unwanted_preferences, tmp_path):
     lines: list[str] = []
-    options = RewardOptions(max_steps=60, learning_rate=5e-4, save_steps=30, logging_steps=10, seed=0)
+    options = RewardOptions(max_steps=60, learning_rate=5e-4, eval_steps=30, logging_steps=10, seed=0)
     metrics = train_reward_model(
         sft_model_dir, unwanted_preferences["train"], unwanted_preferences["eval"], tmp_path / "rm", options,
         tmp_path / "ck", log=lines.append,
@@ -88,7 +88,7 @@ class CrashAt(TrainerCallback):
 
 
 def test_reward_training_resumes_from_its_checkpoint(sft_model_dir, unwanted_preferences, tmp_path):
-    options = RewardOptions(max_steps=8, save_steps=4, logging_steps=2, seed=0)
+    options = RewardOptions(max_steps=8, eval_steps=4, logging_steps=2, seed=0)
     args = (sft_model_dir, unwanted_preferences["train"], unwanted_preferences["eval"], tmp_path / "rm", options, tmp_path / "ck")
     with pytest.raises(KeyboardInterrupt):
         train_reward_model(*args, log=lambda s: None, callbacks=[CrashAt(6)])

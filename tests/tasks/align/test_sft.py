@@ -123,7 +123,7 @@ class PoisonWeights(TrainerCallback):
 
 
 def test_nan_loss_stops_with_the_stage_and_the_step(align_base_dir, instruction_data, tmp_path):
-    options = SFTOptions(max_steps=10, save_steps=100, logging_steps=1)
+    options = SFTOptions(max_steps=10, eval_steps=100, logging_steps=1)
     with pytest.raises(NonFiniteLossError, match=r"^sft: non-finite gradient .* at step 4;") as caught:
         train_sft(
             align_base_dir, instruction_data["train"], instruction_data["eval"], tmp_path / "out", options,
@@ -134,7 +134,7 @@ def test_nan_loss_stops_with_the_stage_and_the_step(align_base_dir, instruction_
 
 
 def test_huge_learning_rate_diverges_into_a_clear_error(align_base_dir, instruction_data, tmp_path):
-    options = SFTOptions(max_steps=30, learning_rate=1e12, save_steps=100, logging_steps=1)
+    options = SFTOptions(max_steps=30, learning_rate=1e12, eval_steps=100, logging_steps=1)
     with pytest.raises(NonFiniteLossError, match=r"^sft: .* at step \d+;") as caught:
         train_sft(align_base_dir, instruction_data["train"], instruction_data["eval"], tmp_path / "out", options, tmp_path / "ck", log=lambda line: None)
     assert caught.value.stage == "sft" and 1 <= caught.value.step <= 30
@@ -152,7 +152,7 @@ train_sft(Path(base), Path(train), Path(held_out), Path(out), SFTOptions.model_v
 
 @pytest.mark.slow
 def test_sft_killed_with_sigkill_resumes_from_its_checkpoint(align_base_dir, instruction_data, tmp_path, subprocess_env):
-    options = SFTOptions(max_steps=120, learning_rate=2e-3, save_steps=20, logging_steps=10, seed=0)
+    options = SFTOptions(max_steps=120, learning_rate=2e-3, eval_steps=20, logging_steps=10, seed=0)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     args = [str(align_base_dir), str(instruction_data["train"]), str(instruction_data["eval"]), str(out), str(ckpt)]
     child = subprocess.Popen(
@@ -192,17 +192,17 @@ def test_sft_killed_with_sigkill_resumes_from_its_checkpoint(align_base_dir, ins
 def test_resume_with_other_options_is_refused(align_base_dir, instruction_data, tmp_path):
     ckpt = tmp_path / "ck"
     train_sft(align_base_dir, instruction_data["train"], instruction_data["eval"], tmp_path / "o1",
-              SFTOptions(max_steps=2, save_steps=1), ckpt, log=lambda line: None)
+              SFTOptions(max_steps=2, eval_steps=1), ckpt, log=lambda line: None)
     with pytest.raises(AlignError, match="holds checkpoints of a run with other options"):
         train_sft(align_base_dir, instruction_data["train"], instruction_data["eval"], tmp_path / "o2",
-                  SFTOptions(max_steps=3, save_steps=1), ckpt, log=lambda line: None)
+                  SFTOptions(max_steps=3, eval_steps=1), ckpt, log=lambda line: None)
 
 
 @pytest.mark.slow
 def test_lora_trains_adapters_and_saves_a_merged_model(align_base_dir, instruction_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    options = SFTOptions(max_steps=40, learning_rate=1e-2, save_steps=100, lora=LoraOptions(enabled=True, r=8, alpha=16))
+    options = SFTOptions(max_steps=40, learning_rate=1e-2, eval_steps=100, lora=LoraOptions(enabled=True, r=8, alpha=16))
     metrics = train_sft(align_base_dir, instruction_data["train"], instruction_data["eval"], tmp_path / "out", options,
                         tmp_path / "ck", log=lambda line: None)
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.5
