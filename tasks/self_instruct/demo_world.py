@@ -236,7 +236,7 @@ FAMILIES: tuple[Family, ...] = (
            _parity, True),
     Family("sum", {"en": ("Add the two numbers.", "What is the sum of the numbers?", "Compute the total of the two numbers.",
                           "Find the result when you add them together."),
-                   "ko": ("두 수를 더하세요.", "두 숫자의 합은 얼마인가요?", "주어진 수들을 모두 더한 값을 쓰세요.")}, _numbers),
+                   "ko": ("주어진 두 수를 더하세요.", "두 숫자의 합은 얼마인가요?", "주어진 수들을 모두 더한 값을 쓰세요.")}, _numbers),
     Family("larger", {"en": ("Which number is larger?", "Pick the bigger of the two numbers.", "Write the greater number.",
                              "Choose the number with the higher value."),
                       "ko": ("두 수 중 더 큰 수는 무엇인가요?", "더 큰 숫자를 고르세요.", "주어진 두 수에서 큰 값을 쓰세요.")}, _larger),
@@ -300,7 +300,7 @@ def _instances(rng: Rng, family: Family, language: str, count: int) -> list[Inst
     seen: dict[str, str] = {}
     for _ in range(count * 4):
         source, target = family.make(rng, language)
-        if source not in seen:
+        if source not in seen and source != target:  # an already sorted list teaches nothing (and is filtered out)
             seen[source] = target
         if len(seen) == count:
             break

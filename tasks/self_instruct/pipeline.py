@@ -414,9 +414,10 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
             instance_counts[reason] = instance_counts.get(reason, 0) + count
     funnel["instances"] = {"parsed": sum(r["parsed"] for r in instance_rows), **instance_counts,
                            "kept": sum(len(r["inputs"]) for r in instance_rows if r["instruction_id"] not in dropped_tasks),
-                           "tasks_dropped": len(dropped_tasks & {machine_instruction_id(i) for i in range(len(kept_rows))}),
-                           "retried_tasks": sum(1 for r in instance_rows if (r.get("attempts") or 1) > 1),
-                           "tries": sum(r.get("attempts") or 1 for r in instance_rows)}
+                           "tasks_dropped": len(dropped_tasks & {machine_instruction_id(i) for i in range(len(kept_rows))})}
+    funnel["instance_tries"] = {"instructions_retried": sum(1 for r in instance_rows if (r.get("attempts") or 1) > 1),
+                                "tries": sum(r.get("attempts") or 1 for r in instance_rows),
+                                "without_instances_after_retries": len(dropped_tasks)}
     instruction_table = pa.Table.from_pylist(instructions, schema=INSTRUCTIONS)
     instance_table = pa.Table.from_pylist(instances, schema=INSTANCES)
     tables = {

@@ -191,6 +191,7 @@ def publish_funnel(funnel: dict[str, Any], ref: str) -> None:
     rows += [{"stage": f"rejected: {reason}", "count": count} for reason, count in funnel["rejected"].items()]
     rows += [{"stage": "kept instructions", "count": funnel["kept"]}]
     rows += [{"stage": f"instances: {k}", "count": v} for k, v in funnel["instances"].items()]
+    rows += [{"stage": f"instance tries: {k}", "count": v} for k, v in funnel.get("instance_tries", {}).items()]
     publish_table("self-instruct-funnel", rows, f"Funnel of {ref}: candidates = rejections + kept.")
 
 
