@@ -119,7 +119,7 @@ class PreferenceOptions(BaseModel):
         None, description="Parquet file with prompt, chosen, rejected columns (judge='file' only)."
     )
     max_prompts: int | None = Field(
-        None, ge=1, description="Use at most this many distinct prompts (the first ones of the table)."
+        None, ge=1, description="Use at most this many distinct prompts of each split (train, validation, test: the first ones)."
     )
     length_bias_control: bool = Field(
         False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,14 +216,22 @@ def build_preference_table(config: AlignConfig, data: AlignData, sft: StageResul
     from tasks.generation.local import LocalGenerator
 
     prompts = preference_prompts(data)
-    prompts = prompts.filter(pa.array([s in splits for s in prompts["split"].to_pylist()]))
+    # max_prompts counts per split, so that a short run still has validation and test pairs.
+    limit, per_split, chosen, keep = config.preferences.max_prompts, Counter(), set(), []
+    for prompt, side in zip(prompts["prompt"].to_pylist(), prompts["split"].to_pylist()):
+        if prompt not in chosen and side in splits and (limit is None or per_split[side] < limit):
+            chosen.add(prompt)
+            per_split[side] += 1
+        keep.append(prompt in chosen)
+    prompts = prompts.filter(pa.array(keep))
     side = dict(zip(prompts["prompt"].to_pylist(), prompts["split"].to_pylist()))
     generator = LocalGenerator(Path(sft.dir), identity_name=sft.ref)
     judge = None
     if config.preferences.judge == "llm":
         judge = load_generator(config.judge_generator, Registry()) if config.judge_generator else generator
     report: dict[str, Any] = {}
-    table = build_preferences(prompts.drop_columns(["split"]) if config.preferences.judge != "file" else None, config.preferences,
+    options = config.preferences.model_copy(update={"max_prompts": None})
+    table = build_preferences(prompts.drop_columns(["split"]) if config.preferences.judge != "file" else None, options,
                               generator=generator, judge_generator=judge, ask=ask, log=run_logger().info, report=report)
     if "split" not in table.column_names:
         # Imported labels may hold prompts the dataset does not: they get a side from the same hash.
