@@ -32,6 +32,7 @@ fx = _load_fixtures_module()
 MODEL_KEYS = {
     "reward_mean", "reward_se", "response_length_mean", "response_length_se", "missing_eos_rate", "perplexity",
     "kl_from_reference", "kl_se", "win_rate_rm", "win_rate_llm", "rm_comparison", "llm_comparison",
+    "rouge_l_mean", "rouge_l_se", "reward_gain", "reward_gain_se", "rouge_l_gain", "rouge_l_gain_se",
 }
 
 
@@ -103,6 +104,10 @@ def test_evaluation_metrics_samples_and_tables(toy, sft_copy, tmp_path):
     assert models["ppo"]["rm_comparison"] == {"wins": 0, "losses": 0, "ties": len(prompts), "win_rate": 0.5}
     assert models["ppo"]["llm_comparison"]["win_rate"] == 0.5
     assert models["ppo"]["reward_mean"] == pytest.approx(models["sft"]["reward_mean"])
+    # Paired differences of identical answers: zero, with zero standard error.
+    assert models["ppo"]["reward_gain"] == pytest.approx(0.0, abs=1e-6) and models["ppo"]["reward_gain_se"] == pytest.approx(0.0, abs=1e-6)
+    assert models["ppo"]["rouge_l_gain"] == 0.0 and models["sft"]["reward_gain"] is None
+    assert models["sft"]["rouge_l_mean"] > models["base"]["rouge_l_mean"]
     # A random-init base is far from SFT and cannot predict the held-out references.
     assert models["base"]["kl_from_reference"] > 10
     assert models["sft"]["perplexity"] < 2 < 50 < models["base"]["perplexity"]
