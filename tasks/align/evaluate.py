@@ -30,13 +30,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from storage.errors import AlignflowError
 from tasks.generation.params import DecodingParams
 
 Judge = Callable[[str, str, str], str]  # judge(prompt, answer_a, answer_b) -> "A" | "B" | "tie"
 VERDICTS = ("A", "B", "tie")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(AlignflowError, ValueError):
     """Bad input to the evaluation (models, prompts, references, decoding, judge answers)."""
 
 

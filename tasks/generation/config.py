@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.errors import AlignflowError
 from storage.registry import Registry, RegistryError
 from tasks.generation.params import Generator
 
@@ -25,7 +26,7 @@ DEFAULT_MODEL_NAME = "base"
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 
 
-class GeneratorConfigError(ValueError):
+class GeneratorConfigError(AlignflowError, ValueError):
     """A generator config that cannot be turned into a generator (unknown model, missing folder...)."""
 
 
