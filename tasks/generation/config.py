@@ -133,3 +133,17 @@ def load_generator(config: GeneratorConfig, registry: Registry | None = None) ->
         backoff_base_s=config.backoff_base_s,
         api_key_secret=config.api_key_secret,
     )
+
+
+def check_generator(config: GeneratorConfig, registry: Registry | None = None) -> None:
+    """Fail now, before a flow writes anything, when the generator cannot work: a local model that
+    does not resolve (GeneratorConfigError), or an endpoint that is unreachable, refuses the key,
+    is not an OpenAI-compatible API or does not serve the model (GenerationError)."""
+    if config.backend == "local":
+        resolve_local_model(config.model, registry)
+        return
+    generator = load_generator(config, registry)
+    try:
+        generator.check_endpoint()  # type: ignore[attr-defined]
+    finally:
+        generator.close()
