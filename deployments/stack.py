@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from storage.errors import AlignflowError
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = Path("deployments") / "prefect.yaml"
 CPU_POOL = "alignflow-cpu"
@@ -36,7 +38,7 @@ GPU_POOL = "alignflow-gpu"
 STOP_ORDER = ("worker-gpu", "worker-cpu", "serve", "server")
 
 
-class StackError(RuntimeError):
+class StackError(AlignflowError, RuntimeError):
     """The stack could not be brought up (a process died or the server did not answer)."""
 
 

@@ -22,6 +22,9 @@ from typing import Any, Literal, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from storage.errors import AlignflowError
+from tasks.align.gates import QualityGateFailed
+
 
 # ---- pydantic model -> argparse options ----------------------------------------------------------
 
@@ -54,8 +57,8 @@ def model_options(model: type[BaseModel], path: tuple[str, ...] = ()) -> list[tu
 RENAMED = {"backend": "generator"}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: Sequence[str] = ()) -> None:
-    """Add one option per leaf field; unset options keep the model's defaults.
+def command_line_options(model: type[BaseModel]) -> list[tuple[str, tuple[str, ...], Any, Any]]:
+    """(option name without "--", field path, annotation, field info) for every leaf field, as the CLI names them.
 
     A field name that occurs in two nested models is prefixed with its parent's name
     (`--cleaning-seed` beside `--training-seed`) so that neither is silently shadowed.
@@ -64,9 +67,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
     counts: dict[str, int] = {}
     for option, *_ in options:
         counts[option] = counts.get(option, 0) + 1
-    for option, path, annotation, info in options:
-        if counts[option] > 1:
-            option = "-".join(p.replace("_", "-") for p in path)
+    return [("-".join(p.replace("_", "-") for p in path) if counts[option] > 1 else option, path, annotation, info)
+            for option, path, annotation, info in options]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip: Sequence[str] = ()) -> None:
+    """Add one option per leaf field (named by `command_line_options`); unset options keep the model's defaults."""
+    for option, path, annotation, info in command_line_options(model):
         if option in skip:
             continue
         default = info.get_default(call_default_factory=True)
@@ -92,8 +99,55 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         parser.add_argument(f"--{option}", **kwargs)
 
 
+class ConfigError(AlignflowError, ValueError):
+    """Command-line options that do not make a valid config: one line per bad field, naming its option."""
+
+    def __init__(self, lines: Sequence[str]):
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+# pydantic error types whose limit reads best as a comparison: "must be >= 1, got -5".
+_COMPARISONS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
+                "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
+
+
+def validation_lines(error: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per invalid field: `--sft-max-steps: must be >= 1, got -5`.
+
+    With `model`, a field is named by its command-line option; else by its dotted path.
+    """
+    options = {path: f"--{option}" for option, path, _, _ in command_line_options(model)} if model else {}
+    lines = []
+    for item in error.errors():
+        loc = tuple(str(part) for part in item["loc"])
+        name = ".".join(loc) or "config"
+        for size in range(len(loc), 0, -1):  # a list item's index follows its option: --corpus[1]
+            if loc[:size] in options:
+                name = options[loc[:size]] + "".join(f"[{part}]" for part in loc[size:])
+                break
+        kind, context, message = item["type"], item.get("ctx") or {}, item["msg"]
+        if kind in _COMPARISONS:
+            key, sign = _COMPARISONS[kind]
+            message = f"must be {sign} {context[key]}"
+        elif kind == "value_error":
+            message = message.removeprefix("Value error, ")
+        elif message.startswith("Input should be "):
+            message = "must be " + message[len("Input should be "):]
+        elif kind == "missing":
+            message = "is required"
+        value = item.get("input")
+        if kind != "missing" and not isinstance(value, (dict, BaseModel)):
+            message += f", got {value!r}"
+        lines.append(f"{name}: {message}")
+    return lines
+
+
 def config_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
-    """Build `model` from the options given on the command line (nested by their field paths)."""
+    """Build `model` from the options given on the command line (nested by their field paths).
+
+    Invalid values raise `ConfigError`, whose lines name each bad option and what it must be.
+    """
     data: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if "__" not in dest and dest not in model.model_fields:
@@ -103,7 +157,10 @@ def config_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseMo
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
-    return model.model_validate(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_lines(exc, model)) from None
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -278,21 +335,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser(only=argv[0] if argv else "")
     args = parser.parse_args(argv)
+    # Bad input (options, files, refs) exits 2, a failed stage 1; both with a message, no traceback.
     try:
         return args.func(args) or 0
+    except ConfigError as exc:
+        return _fail(args.command, exc.lines, 2)
     except ValidationError as exc:
-        print(f"alignflow {args.command}: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, validation_lines(exc), 2)
     except (RegistryError, FileNotFoundError, ValueError) as exc:
-        print(f"alignflow {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from tasks.align.gates import QualityGateFailed
-
-        if not isinstance(exc, QualityGateFailed):
-            raise
-        print(f"alignflow {args.command}: stopped by a quality gate: {exc}", file=sys.stderr)
-        return 3
+        return _fail(args.command, [str(exc)], 2)
+    except QualityGateFailed as exc:
+        return _fail(args.command, [f"stopped by a quality gate: {exc}"], 3)
+    except AlignflowError as exc:
+        return _fail(args.command, [str(exc)], 1)
     finally:
         if args.command in FLOW_COMMANDS:
             from tasks.timing import time_report
@@ -300,6 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = time_report()
             if report:
                 print("\n" + report)
+
+
+def _fail(command: str, lines: Sequence[str], code: int) -> int:
+    for line in lines:
+        print(f"alignflow {command}: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from storage import atomic
+from storage.errors import AlignflowError
 from storage.manifest import Manifest, code_version, current_flow_run_id, serialize_config
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MANIFEST = "manifest.json"
 
 
-class RegistryError(ValueError):
+class RegistryError(AlignflowError, ValueError):
     """A ref that does not resolve, a bad name, or a broken version."""
 
 

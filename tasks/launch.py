@@ -31,6 +31,8 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, Field
 
+from storage.errors import AlignflowError
+
 Log = Callable[[str], None]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 20
@@ -67,7 +69,7 @@ class LaunchOptions(BaseModel):
     )
 
 
-class LaunchError(RuntimeError):
+class LaunchError(AlignflowError, RuntimeError):
     """The launched module exited with a non-zero code; the message carries the end of its output."""
 
     def __init__(self, module: str, returncode: int, tail: list[str]):

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.errors import AlignflowError
+
 if TYPE_CHECKING:  # the config is imported by CLIs and forms that never start a runner
     from prefect.task_runners import TaskRunner
 
@@ -46,7 +48,7 @@ class TaskRunnerConfig(BaseModel):
     )
 
 
-class TaskRunnerUnavailable(RuntimeError):
+class TaskRunnerUnavailable(AlignflowError, RuntimeError):
     """The chosen runner's package is not installed."""
 
 

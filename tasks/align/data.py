@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage.errors import AlignflowError
+
 ROLES = ("system", "user", "assistant")
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SFT_SCHEMA = pa.schema(
@@ -33,7 +35,7 @@ SFT_SCHEMA = pa.schema(
 PREFERRED_NAMES = ("sft.parquet", "train.parquet")
 
 
-class DataError(ValueError):
+class DataError(AlignflowError, ValueError):
     """Input data that cannot be used; the message names the file, the row and the field."""
 
 

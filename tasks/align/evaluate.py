@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from storage.errors import AlignflowError
 from tasks.align.stats import mean_se, paired_difference
 from tasks.generation.params import DecodingParams
 
@@ -37,7 +38,7 @@ Judge = Callable[[str, str, str], str]  # judge(prompt, answer_a, answer_b) -> "
 VERDICTS = ("A", "B", "tie")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(AlignflowError, ValueError):
     """Bad input to the evaluation (models, prompts, references, decoding, judge answers)."""
 
 

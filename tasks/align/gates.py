@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from storage.errors import AlignflowError
+
 
 GateMode = Literal["fail", "warn", "off"]
 GATES_HELP = ("What a stage that does not beat its predecessor on the test split does. fail: it ends Failed (named "
@@ -36,7 +38,7 @@ class GateOptions(BaseModel):
     max_kl: float = Field(10.0, gt=0.0, description="PPO: the largest mean KL to the SFT model (nats per answer) that passes.")
 
 
-class QualityGateFailed(RuntimeError):
+class QualityGateFailed(AlignflowError, RuntimeError):
     """A stage did not beat its predecessor on the test split and `gates` is `fail`: the run stops there."""
 
 

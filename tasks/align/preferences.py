@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from storage.errors import InputError
+from storage.reader import json_type, read_records
 from storage.schemas import PREFERENCES
 from tasks.align.config import PreferenceOptions
 from tasks.align.data import normalize_sft_table
@@ -54,7 +55,7 @@ JUDGE_TEMPLATE = (
 )
 
 
-class PreferenceError(ValueError):
+class PreferenceError(InputError):
     """Preference data that cannot be built or read; names the file, row and field where there is one."""
 
 
@@ -235,58 +236,47 @@ def judge_by_human(
 
 
 def load_preference_file(path: str | Path, judge: str | None = "file") -> pa.Table:
-    """Read preference pairs from Parquet (`prompt, chosen, rejected`; optional scores and `judge`).
+    """Read preference pairs (`prompt, chosen, rejected`; optional scores and `judge`) from Parquet,
+    JSON Lines or a JSON list, through storage.reader; errors name the file, the row and the field.
 
     judge: the value of the output's `judge` column; None keeps the file's own `judge` column
     (or "file" when it has none), which is how the reward stage reads tables this module wrote.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PreferenceError(f"{path}: no such preference file")
-    table = pq.read_table(path)
-    missing = [c for c in ("prompt", "chosen", "rejected") if c not in table.column_names]
-    if missing:
-        raise PreferenceError(
-            f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(table.column_names) or 'no columns'})"
-        )
-    columns = {c: table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")}
-    scores = {
-        c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
-        for c in ("chosen_score", "rejected_score")
-    }
-    if judge is None and "judge" in table.column_names:
-        judges = [j if isinstance(j, str) and j else "file" for j in table.column("judge").to_pylist()]
-    else:
-        judges = [judge or "file"] * table.num_rows
+    wanted = ["prompt", "chosen", "rejected", "chosen_score", "rejected_score", "judge"]
     pairs = []
-    for row in range(table.num_rows):
-        if not isinstance(columns["prompt"][row], str) or not columns["prompt"][row].strip():
-            raise PreferenceError(f"{path}: row {row}: field `prompt` is empty or not a string")
+    for where, record in read_records(path, columns=wanted, required=wanted[:3], error=PreferenceError):
+        for field in ("prompt", "chosen", "rejected"):
+            value = record.get(field)
+            if not isinstance(value, str):
+                problem = "missing" if field not in record else f"expected a string, got {json_type(value)}"
+                raise PreferenceError(path, problem, where=where, field=field)
+        if not record["prompt"].strip():
+            raise PreferenceError(path, "is empty", where=where, field="prompt")
         # An empty response is a legitimate (bad) answer: a model can stop at once.
-        for field in ("chosen", "rejected"):
-            if not isinstance(columns[field][row], str):
-                raise PreferenceError(f"{path}: row {row}: field `{field}` is missing (null) or not a string")
-        if columns["chosen"][row].strip() == columns["rejected"][row].strip():
-            raise PreferenceError(f"{path}: row {row}: `chosen` and `rejected` are the same text")
+        if record["chosen"].strip() == record["rejected"].strip():
+            raise PreferenceError(path, "the same text as 'chosen'", where=where, field="rejected")
+        own = record.get("judge")
         pairs.append(
             Pair(
-                columns["prompt"][row], columns["chosen"][row], columns["rejected"][row], judges[row],
-                _float_or_none(scores["chosen_score"][row], path, row, "chosen_score"),
-                _float_or_none(scores["rejected_score"][row], path, row, "rejected_score"),
+                record["prompt"], record["chosen"], record["rejected"],
+                (own if isinstance(own, str) and own else "file") if judge is None else (judge or "file"),
+                _float_or_none(record.get("chosen_score"), path, where, "chosen_score"),
+                _float_or_none(record.get("rejected_score"), path, where, "rejected_score"),
             )
         )
     if not pairs:
-        raise PreferenceError(f"{path}: the preference file has no rows")
+        raise PreferenceError(path, "the preference file has no rows")
     return pairs_to_table(pairs)
 
 
-def _float_or_none(value, path: Path, row: int, field: str) -> float | None:
+def _float_or_none(value, path: Path, where, field: str) -> float | None:
     if value is None:
         return None
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise PreferenceError(f"{path}: row {row}: field `{field}` is not a number: {value!r}") from None
+        raise PreferenceError(path, f"expected a number, got {json_type(value)} ({value!r:.60})", where=where, field=field) from None
 
 
 # ---------------------------------------------------------------- the stage

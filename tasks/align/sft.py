@@ -21,6 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 from transformers import TrainerCallback
 
+from storage.errors import AlignflowError
 from tasks.align.config import RewardOptions, SFTOptions
 from tasks.align.data import load_sft_table, normalize_sft_table, to_prompt_completion_dataset
 from tasks.align.devices import torch_device, training_device_kwargs
@@ -30,11 +31,11 @@ Log = Callable[[str], None]
 OPTIONS_FILE = "alignflow_options.json"
 
 
-class AlignError(ValueError):
+class AlignError(AlignflowError, ValueError):
     """Bad input for an align stage, found before any training starts."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(AlignflowError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; names the stage and the step."""
 
     def __init__(self, stage: str, step: int, what: str):

@@ -24,11 +24,11 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from storage import atomic
-from storage.registry import Registry, fingerprint
+from storage.registry import Registry, RegistryError, Version, fingerprint
 from tasks.align.config import PreferenceOptions, RewardOptions, SFTOptions, SplitOptions
 from tasks.align.gates import Gate, GateOptions, policy_gate, reward_gate, sft_gate, stage_state
 from tasks.align.ppo import PPOOptions
-from tasks.generation.config import GeneratorConfig, resolve_local_model
+from tasks.generation.config import GeneratorConfig, check_generator, resolve_local_model
 from tasks.generation.params import DecodingParams
 from tasks.launch import LaunchOptions
 from tasks.publish import markdown_image, plot_curves, publish_markdown, publish_table, run_logger
@@ -103,19 +103,47 @@ def base_model_of(config: AlignConfig) -> str:
     if config.model:
         return config.model
     if not Path(config.dataset).expanduser().exists():
-        for parent in Registry().resolve("dataset", config.dataset).manifest.parents:
+        for parent in dataset_version(config.dataset).manifest.parents:
             kind, _, ref = parent.partition(":")
             if kind == "model":
                 return ref
     return "base"
 
 
+def dataset_version(ref: str) -> Version:
+    """The registered dataset `--dataset` names; errors name the option."""
+    try:
+        return Registry().resolve("dataset", ref)
+    except RegistryError as err:
+        raise RegistryError(f"--dataset {ref!r} is neither a file nor a registered dataset: {err}") from None
+
+
 def dataset_sft_file(ref_or_path: str) -> tuple[Path, str | None]:
     path = Path(ref_or_path).expanduser()
     if path.exists():
         return path, None
-    version = Registry().resolve("dataset", ref_or_path)
+    version = dataset_version(ref_or_path)
+    if "sft.parquet" not in version.manifest.files:
+        raise RegistryError(
+            f"--dataset {ref_or_path!r}: dataset {version.ref} has no sft table (sft.parquet; it holds "
+            f"{', '.join(sorted(version.manifest.files)) or 'no files'}); give a dataset made by self-instruct, "
+            "or a Parquet file with prompt/completion or messages"
+        )
     return version.file("sft.parquet"), f"dataset:{version.ref}"
+
+
+def check_later_inputs(config: AlignConfig) -> None:
+    """What later stages read (the labels file, LLM judges' endpoints), checked before the first stage writes."""
+    from tasks.align.preferences import PreferenceError, load_preference_file
+
+    if config.preferences.judge == "file":
+        if not config.preferences.labels_path:
+            raise PreferenceError("--labels-path: judge 'file' needs a file with prompt, chosen, rejected")
+        load_preference_file(config.preferences.labels_path)
+    judges = [config.evaluation.judge, config.judge_generator if config.preferences.judge == "llm" else None]
+    for generator in judges:
+        if generator is not None and generator.backend == "openai":
+            check_generator(generator)
 
 
 def register_folder(kind: str, name: str, folder: Path, config, parents: list[str], metrics: dict, key: str, extra_files: dict[str, bytes] | None = None) -> str:
@@ -152,6 +180,7 @@ def split_files(config: AlignConfig) -> AlignData:
     base_dir, base_parent = model_folder(base_model_of(config))
     sft_file, data_parent = dataset_sft_file(config.dataset)
     table = load_sft_table(sft_file)
+    check_later_inputs(config)
     parts = split_three_ways(table, config.split.validation_fraction, config.split.test_fraction, config.split.seed)
     work = Registry().work_dir("align", fingerprint(str(base_dir), base_parent, data_parent, str(sft_file), config.split.model_dump()))
     for name in SPLITS:

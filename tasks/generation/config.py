@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.errors import AlignflowError
 from storage.registry import Registry, RegistryError
 from tasks.generation.params import Generator
 
@@ -25,7 +26,7 @@ DEFAULT_MODEL_NAME = "base"
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 
 
-class GeneratorConfigError(ValueError):
+class GeneratorConfigError(AlignflowError, ValueError):
     """A generator config that cannot be turned into a generator (unknown model, missing folder...)."""
 
 
@@ -132,3 +133,17 @@ def load_generator(config: GeneratorConfig, registry: Registry | None = None) ->
         backoff_base_s=config.backoff_base_s,
         api_key_secret=config.api_key_secret,
     )
+
+
+def check_generator(config: GeneratorConfig, registry: Registry | None = None) -> None:
+    """Fail now, before a flow writes anything, when the generator cannot work: a local model that
+    does not resolve (GeneratorConfigError), or an endpoint that is unreachable, refuses the key,
+    is not an OpenAI-compatible API or does not serve the model (GenerationError)."""
+    if config.backend == "local":
+        resolve_local_model(config.model, registry)
+        return
+    generator = load_generator(config, registry)
+    try:
+        generator.check_endpoint()  # type: ignore[attr-defined]
+    finally:
+        generator.close()

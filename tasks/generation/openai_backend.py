@@ -18,6 +18,9 @@
   repetition_penalty are sent only when set (vLLM and SGLang accept them; OpenAI does not).
 - The API key (explicit, else the Prefect Secret block `api_key_secret`, else OPENAI_API_KEY) goes
   only into the Authorization header: never into identity(), repr(), logs or exception messages.
+- `check_endpoint()` asks the server once (GET /models) whether it is an OpenAI-compatible API that
+  takes the key and serves the model; flows call it before they write anything, so a wrong URL, key
+  or model name fails at once with one clear message instead of after a batch of failed requests.
 """
 
 from __future__ import annotations
@@ -170,6 +173,48 @@ class OpenAIGenerator(Generator):
 
     def close(self) -> None:
         """Nothing is held between calls: each call opens and closes its own connection pool."""
+
+    def check_endpoint(self) -> None:
+        """Raise GenerationError unless GET {base_url}/models answers an OpenAI model list that holds the model.
+
+        The message names the URL and the option to fix: an unreachable server, a refused key (401/403),
+        a reply that is not the API (an HTML page, truncated or other non-JSON), or a model the server does
+        not serve. A server without a /models route (404/405) passes: its first request will tell.
+        """
+        url = f"{public_url(self.base_url)}/models"
+        try:
+            response = httpx.get(self.base_url + "/models", headers=self._headers(), timeout=min(self.timeout_s, 30.0))
+        except httpx.TimeoutException:
+            raise GenerationError(f"--base-url: {url} gave no answer within {min(self.timeout_s, 30.0):g}s") from None
+        except httpx.TransportError as err:
+            raise GenerationError(f"--base-url: cannot reach {url} ({type(err).__name__}: {self._redact(str(err))[:200]})") from None
+        status = response.status_code
+        if status in (401, 403):
+            raise GenerationError(
+                f"--api-key-secret: {url} refused the API key with HTTP {status} ({self._redact(_error_message(response))[:200]}); "
+                "give the key in the OPENAI_API_KEY environment variable or a Prefect Secret block (--api-key-secret)"
+            )
+        if status in (404, 405):
+            return
+        text = self._redact(response.text)
+        if status != 200:
+            raise GenerationError(f"--base-url: {url} answered HTTP {status}: {self._redact(_error_message(response))[:200]}")
+        try:
+            data = response.json()
+        except ValueError:
+            if "html" in response.headers.get("content-type", "") or text.lstrip()[:1] == "<":
+                raise GenerationError(
+                    f"--base-url: {url} answered an HTML page, not the OpenAI API; give the API's root, such as http://host:8000/v1"
+                ) from None
+            raise GenerationError(f"--base-url: {url} answered something that is not JSON (truncated?): {text[:80]!r}") from None
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise GenerationError(f"--base-url: {url} answered JSON that is not an OpenAI model list: {text[:80]!r}")
+        served = [str(m.get("id")) for m in models if isinstance(m, dict) and m.get("id")]
+        # Ollama lists "name:latest" and answers to "name".
+        if served and self.model not in served and f"{self.model}:latest" not in served:
+            shown = ", ".join(served[:10]) + (f" and {len(served) - 10} more" if len(served) > 10 else "")
+            raise GenerationError(f"--model: {public_url(self.base_url)} does not serve {self.model!r}; it serves {shown}")
 
     # ---- requests --------------------------------------------------------------------------------
 

@@ -15,8 +15,10 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from storage.errors import AlignflowError
 
-class GenerationError(RuntimeError):
+
+class GenerationError(AlignflowError, RuntimeError):
     """A generation call that produced nothing usable (every request failed), or an unsupported option."""
 
 

@@ -51,6 +51,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from storage.errors import AlignflowError
 from tasks.generation.params import Completion, DecodingParams, Generator, conversation_key
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ class OpenAICompatServer:
             return fault  # type: ignore[return-value]
 
 
-class RequestError(ValueError):
+class RequestError(AlignflowError, ValueError):
     """A request the server refuses with HTTP 400."""
 
 

@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.errors import AlignflowError
 from tasks.pretrain.corpus import Document
 
 REMOVAL_RULES = (
@@ -57,7 +58,7 @@ REMOVAL_RULES = (
 PII_KINDS = ("pii_email", "pii_phone", "pii_ip", "pii_api_key")
 
 
-class EmptyCorpusError(ValueError):
+class EmptyCorpusError(AlignflowError, ValueError):
     """Cleaning removed every document."""
 
 

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import atomic
+from storage.errors import InputError
+from storage.reader import PARQUET_SUFFIXES, json_type, read_parquet_table, read_records
 from tasks.rouge.engine import RougeLFilter
 from tasks.rouge.tokenize import TOKENIZERS
 
@@ -39,7 +41,7 @@ _ADDED_COLUMNS = ("max_rouge_l", "most_similar")
 DEDUP_METADATA_KEY = b"alignflow.dedup"
 
 
-class DedupError(ValueError):
+class DedupError(InputError):
     """Bad input for dedup: the message names the file, and the line/row and column where known."""
 
 
@@ -79,60 +81,15 @@ class DedupResult:
 
 # ----------------------------------------------------------------------------- reading
 def read_table(path: str | Path) -> pa.Table:
-    """Read a JSON list of objects, JSON Lines, or Parquet file into a pyarrow table."""
+    """Read a JSON list of objects, JSON Lines, or Parquet file into a pyarrow table (storage.reader)."""
     path = Path(path)
-    if not path.is_file():
-        raise DedupError(f"cannot read {path}: no such file" if not path.exists() else f"cannot read {path}: not a file")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        try:
-            return pq.read_table(path)
-        except (OSError, pa.ArrowException) as error:
-            raise DedupError(f"cannot read {path} as Parquet: {error}") from error
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DedupError(f"cannot read {path}: {error}") from error
-    if suffix in (".jsonl", ".ndjson"):
-        rows = _parse_jsonl(path, text)
-    else:
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DedupError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from error
-            if not isinstance(data, list):
-                raise DedupError(f"{path}: expected a JSON list of objects")
-            for number, row in enumerate(data):
-                if not isinstance(row, dict):
-                    raise DedupError(f"{path}: item {number} of the list is {type(row).__name__}, not an object")
-            rows = data
-        elif stripped.startswith("{"):
-            rows = _parse_jsonl(path, text)  # JSON Lines saved as .json, as datasets often are
-        elif not stripped:
-            rows = []
-        else:
-            raise DedupError(f"{path}: expected a JSON list of objects, JSON Lines, or Parquet")
-    return _rows_to_table(path, rows)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return read_parquet_table(path, error=DedupError)
+    records = list(read_records(path, format="json", error=DedupError))
+    return _rows_to_table(path, [record for _, record in records], [where for where, _ in records])
 
 
-def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DedupError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-        if not isinstance(row, dict):
-            raise DedupError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def _rows_to_table(path: Path, rows: list[dict[str, Any]]) -> pa.Table:
+def _rows_to_table(path: Path, rows: list[dict[str, Any]], locations: list) -> pa.Table:
     columns: dict[str, None] = {}  # every key of every row, in first-seen order
     for row in rows:
         for key in row:
@@ -142,35 +99,33 @@ def _rows_to_table(path: Path, rows: list[dict[str, Any]]) -> pa.Table:
         try:
             arrays[name] = pa.array([row.get(name) for row in rows])
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as error:
-            raise DedupError(_mixed_types_message(path, rows, name, error)) from error
+            raise _mixed_types_error(path, rows, locations, name, error) from error
     return pa.table(arrays) if arrays else pa.table({})
 
 
-def _mixed_types_message(path: Path, rows: list[dict[str, Any]], name: str, error: Exception) -> str:
+def _mixed_types_error(path: Path, rows: list[dict[str, Any]], locations: list, name: str, error: Exception) -> DedupError:
     first_type = None
-    for number, row in enumerate(rows):
+    for where, row in zip(locations, rows):
         value = row.get(name)
         if value is None:
             continue
         if first_type is None:
-            first_type = type(value)
-        elif type(value) is not first_type:
-            return (f"{path}, row {number}: column {name!r} is {type(value).__name__} ({value!r:.60}) "
-                    f"where earlier rows hold {first_type.__name__}")
-    return f"{path}: column {name!r} cannot be stored in a table ({error})"
+            first_type = json_type(value)
+        elif json_type(value) != first_type:
+            return DedupError(path, f"expected a {first_type} as in earlier rows, got {json_type(value)} ({value!r:.60})",
+                              where=where, field=name)
+    return DedupError(path, f"cannot be stored in a table ({error})", field=name)
 
 
 def instruction_values(path: Path, table: pa.Table, column: str) -> list[str | None]:
     """The column's values; None where missing. Errors name the file, row and column."""
     if column not in table.column_names:
         shown = ", ".join(table.column_names) or "none"
-        raise DedupError(f"{path}: no column {column!r} (columns: {shown})")
+        raise DedupError(path, f"missing column (columns present: {shown})", field=column)
     values = table.column(column).to_pylist()
-    for row, value in enumerate(values):
+    for row, value in enumerate(values, start=1):
         if value is not None and not isinstance(value, str):
-            raise DedupError(
-                f"{path}, row {row}: column {column!r} is {type(value).__name__} ({value!r:.60}), not text"
-            )
+            raise DedupError(path, f"expected a string, got {json_type(value)} ({value!r:.60})", where=f"row {row}", field=column)
     return values
 
 

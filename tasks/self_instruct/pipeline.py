@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from storage import atomic
+from storage.errors import AlignflowError
 from storage.manifest import serialize_config
 from tasks.generation.config import GeneratorConfig
 from tasks.generation.params import DecodingParams, Generator
@@ -429,7 +430,7 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
     return tables, funnel
 
 
-class DatasetTooSmallError(ValueError):
+class DatasetTooSmallError(AlignflowError, ValueError):
     """Self-instruct kept fewer usable machine instructions than the configured minimum; nothing is registered."""
 
 

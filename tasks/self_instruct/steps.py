@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from storage import atomic
 from storage.registry import Registry, fingerprint
-from tasks.generation.config import GeneratorConfig, load_generator, resolve_local_model
+from tasks.generation.config import GeneratorConfig, check_generator, load_generator, resolve_local_model
 from tasks.generation.params import Generator
 from tasks.publish import markdown_image, publish_markdown, publish_table, run_logger
 from tasks.rouge.nearest import nearest
@@ -66,6 +66,8 @@ def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
     """Validate the seeds, pin the generator's model version, and find (or start) the work folder."""
     seeds = load_seeds(config)
     path = seeds_path(config)
+    if config.generator.backend == "openai":
+        check_generator(config.generator)  # a wrong URL, key or model fails here, before the work folder exists
     parent = generator_parent(config.generator)
     if parent:
         # Pin "latest" to the exact version now, so a resumed run keeps the model it started with.

@@ -47,7 +47,16 @@ def test_pipeline_options_build_without_ambiguity():
 
 def test_invalid_value_is_refused_with_the_field_name(capsys):
     assert main(["self-instruct", "--rouge-threshold", "1.5"]) == 2
-    assert "rouge_threshold" in capsys.readouterr().err
+    assert capsys.readouterr().err == "alignflow self-instruct: --rouge-threshold: must be <= 1.0, got 1.5\n"
+
+
+def test_every_invalid_option_gets_one_line_naming_it_and_no_traceback(capsys):
+    assert main(["align", "--sft-max-steps", "-5", "--reward-max-steps", "0", "--preferences-decoding-temperature", "-1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "alignflow align: --sft-max-steps: must be >= 1, got -5",
+        "alignflow align: --preferences-decoding-temperature: must be >= 0.0, got -1.0",
+        "alignflow align: --reward-max-steps: must be >= 1, got 0",
+    ]
 
 
 def test_dedup_runs_without_importing_the_flows(tmp_path):

@@ -239,22 +239,33 @@ def test_file_judge_imports_labels_and_names_bad_files(tmp_path):
 
     missing = tmp_path / "missing.parquet"
     pq.write_table(pa.table({"prompt": ["p"], "better": ["good"]}), missing)
-    with pytest.raises(PreferenceError, match=r"missing\.parquet: missing column\(s\) chosen, rejected \(found prompt, better\)"):
+    with pytest.raises(PreferenceError, match=r"missing\.parquet: field 'chosen': missing column \(also missing: rejected; columns present: prompt, better\)$"):
         build_preferences(None, PreferenceOptions(judge="file", labels_path=str(missing)), log=lambda s: None)
 
     null_field = tmp_path / "null.parquet"
     pq.write_table(pa.table({"prompt": ["p", "q"], "chosen": ["a", None], "rejected": ["b", "c"]}), null_field)
-    with pytest.raises(PreferenceError, match=r"null\.parquet: row 1: field `chosen` is missing \(null\)"):
+    with pytest.raises(PreferenceError, match=r"null\.parquet: row 2: field 'chosen': expected a string, got null$"):
         load_preference_file(null_field)
     empty_prompt = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"prompt": ["p", " "], "chosen": ["a", "b"], "rejected": ["", "c"]}), empty_prompt)
-    with pytest.raises(PreferenceError, match=r"empty\.parquet: row 1: field `prompt` is empty"):
+    with pytest.raises(PreferenceError, match=r"empty\.parquet: row 2: field 'prompt': is empty$"):
         load_preference_file(empty_prompt)
 
     with pytest.raises(PreferenceError, match="judge 'file' needs labels_path"):
         build_preferences(None, PreferenceOptions(judge="file"), log=lambda s: None)
-    with pytest.raises(PreferenceError, match="no such preference file"):
+    with pytest.raises(PreferenceError, match=r"nope\.parquet: no such file$"):
         load_preference_file(tmp_path / "nope.parquet")
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "x ", "rejected": "x"}\n')
+    with pytest.raises(PreferenceError, match=r"same\.jsonl: line 2: field 'rejected': the same text as 'chosen'$"):
+        load_preference_file(same)
+    scores = tmp_path / "scores.json"
+    scores.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": "high"}]')
+    with pytest.raises(PreferenceError, match=r"scores\.json: row 1 \(line 1\): field 'chosen_score': expected a number, got string \('high'\)$"):
+        load_preference_file(scores)
+    good_jsonl = tmp_path / "labels.jsonl"
+    good_jsonl.write_text('{"prompt": "p", "chosen": "good", "rejected": "bad", "chosen_score": 1}\n')
+    assert load_preference_file(good_jsonl).to_pylist()[0]["chosen_score"] == 1.0
 
 
 def test_judges_that_need_a_backend_say_so():

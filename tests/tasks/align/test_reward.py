@@ -106,7 +106,7 @@ def test_reward_stage_refuses_bad_input_before_training(sft_model_dir, unwanted_
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"prompt": ["p"], "good": ["a"], "bad": ["b"]}), bad)
-    with pytest.raises(ValueError, match=r"bad\.parquet: missing column\(s\) chosen, rejected"):
+    with pytest.raises(ValueError, match=r"bad\.parquet: field 'chosen': missing column \(also missing: rejected; columns present: prompt, good, bad\)$"):
         train_reward_model(sft_model_dir, bad, unwanted_preferences["eval"], tmp_path / "rm", RewardOptions(), tmp_path / "ck")
 
     eos_pad = tmp_path / "eos-pad"

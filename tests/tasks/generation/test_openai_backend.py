@@ -248,3 +248,36 @@ def test_the_server_batches_waiting_requests_and_answers_each_as_if_alone(tiny_g
         batcher.close()
     assert [r[0] for r in results] == tiny_generator.complete(PROMPTS + PROMPTS[1:2], greedy(5))
     assert sorted(len(call) for call in gated.calls) == [1, 1, 3]
+
+
+def test_check_endpoint_passes_a_server_that_serves_the_model_and_names_a_wrong_model(serve):
+    server = serve()
+    client(server.url).check_endpoint()
+    with pytest.raises(GenerationError) as info:
+        OpenAIGenerator(server.url, model="gpt-4o").check_endpoint()
+    assert str(info.value) == f"--model: {server.url} does not serve 'gpt-4o'; it serves tiny"
+    assert server.stats["generator_calls"] == 0  # the check generates nothing
+
+
+def test_check_endpoint_passes_a_server_without_a_models_route_and_names_an_unreachable_one():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NoModels(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NoModels)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        OpenAIGenerator(url, model="anything").check_endpoint()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    with pytest.raises(GenerationError, match=rf"^--base-url: cannot reach {url}/models \(ConnectError"):
+        OpenAIGenerator(url, model="anything").check_endpoint()

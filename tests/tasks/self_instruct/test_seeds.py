@@ -149,8 +149,7 @@ def load_error(path: Path) -> str:
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = write_lines(tmp_path / "seeds.jsonl", [task(), '{"instruction": "Broken line", "instances": [', task("Another fine task here.")])
-    message = load_error(path)
-    assert "line 2" in message and "malformed JSON" in message
+    assert load_error(path) == f"{path}: line 2: malformed JSON: Expecting value at column 46"
 
 
 @pytest.mark.parametrize(
@@ -176,33 +175,29 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 def test_bad_task_names_line_and_field(tmp_path, record, field, problem):
     path = write_lines(tmp_path / "seeds.jsonl", [task(), task("Another fine task here."), record])
     message = load_error(path)
-    assert f"line 3: {field}: " in message
-    assert problem in message
+    assert message.startswith(f"{path}: line 3: {field}: {problem}")
 
 
 def test_a_line_that_is_not_an_object(tmp_path):
     path = write_lines(tmp_path / "seeds.jsonl", [task(), '"just a string"'])
-    assert "line 2: expected a JSON object, got string" in load_error(path)
+    assert load_error(path) == f"{path}: line 2: expected a JSON object, got string"
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"[]", b"\xef\xbb\xbf"])
 def test_empty_seed_file(tmp_path, content):
     path = tmp_path / "seeds.jsonl"
     path.write_bytes(content)
-    assert "contains no seed tasks" in load_error(path)
+    assert load_error(path) == f"{path}: the seed file contains no seed tasks"
 
 
 def test_duplicate_ids_name_both_lines(tmp_path):
     path = write_lines(tmp_path / "seeds.jsonl", [task(id="a"), task(id="b"), "", task(id="a")])
-    message = load_error(path)
-    assert "line 4" in message and "line 1" in message and "duplicate seed id 'a'" in message
-    assert "field 'id'" in message
+    assert load_error(path) == f"{path}: line 4: field 'id': duplicate seed id 'a', first used on line 1"
 
 
 def test_generated_id_colliding_with_an_explicit_one_is_a_duplicate(tmp_path):
     path = write_lines(tmp_path / "seeds.jsonl", [task(id="seed_task_1"), task()])
-    message = load_error(path)
-    assert "duplicate seed id 'seed_task_1'" in message and "line 2" in message and "line 1" in message
+    assert load_error(path) == f"{path}: line 2: field 'id': duplicate seed id 'seed_task_1', first used on line 1"
 
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
@@ -210,13 +205,13 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
     good = json.dumps(task()).encode()
     path.write_bytes(good + b"\n" + good.replace(b"Summarize", b"Summ\xe9rize") + b"\n")
     message = load_error(path)
-    assert "line 2" in message and "not UTF-8" in message
+    assert message == f"{path}: line 2: not valid UTF-8 (byte 0xe9 at column 22); save the file as UTF-8"
 
 
 def test_non_utf8_bytes_in_an_alpaca_list_name_the_line(tmp_path):
     path = tmp_path / "alpaca.json"
     path.write_bytes(b'[\n  {"instruction": "Say hi to Jos\xe9.", "output": "Hi!"}\n]\n')
-    assert "line 2" in load_error(path)
+    assert load_error(path).startswith(f"{path}: line 2: not valid UTF-8 (byte 0xe9 at column 33)")
 
 
 def test_alpaca_item_errors_name_the_item_and_its_line(tmp_path):
@@ -225,47 +220,46 @@ def test_alpaca_item_errors_name_the_item_and_its_line(tmp_path):
         '[\n  {"instruction": "Name a color.", "input": "", "output": "Blue"},\n'
         '  {"instruction": "Name a fruit.",\n   "input": ""}\n]\n', encoding="utf-8")
     message = load_error(path)
-    assert "item 2 (line 3)" in message and "field 'instances'" in message
+    assert message == f"{path}: row 2 (line 3): field 'instances': missing (and no Alpaca 'output' field)"
 
 
 def test_alpaca_item_with_a_wrong_type_names_the_alpaca_field(tmp_path):
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps([{"instruction": "Name a fruit.", "input": 3, "output": "Apple"}]), encoding="utf-8")
     message = load_error(path)
-    assert "item 1 (line 1): field 'input': expected a string, got number" in message
+    assert message == f"{path}: row 1 (line 1): field 'input': expected a string, got number"
 
 
 def test_malformed_alpaca_json_names_the_line(tmp_path):
     path = tmp_path / "alpaca.json"
     path.write_text('[\n  {"instruction": "Name a color.", "output": "Blue"},\n  {"instruction": oops}\n]', encoding="utf-8")
-    message = load_error(path)
-    assert "line 3" in message and "malformed JSON" in message
+    assert load_error(path) == f"{path}: line 3: malformed JSON: Expecting value at column 19"
 
 
 def test_parquet_without_the_needed_columns(tmp_path):
     path = tmp_path / "seeds.parquet"
     pq.write_table(pa.table({"prompt": ["x"], "output": ["y"]}), path)
-    assert "field 'instruction': missing column" in load_error(path)
+    assert load_error(path) == f"{path}: field 'instruction': missing column (columns present: prompt, output)"
     pq.write_table(pa.table({"instruction": ["Name a color please."], "response": ["y"]}), path)
-    assert "field 'output': missing column" in load_error(path)
+    assert load_error(path) == f"{path}: field 'output': missing column (or an 'instances' column)"
 
 
 def test_parquet_row_errors_name_the_row(tmp_path):
     path = tmp_path / "seeds.parquet"
     pq.write_table(pa.table({"instruction": ["Name a color please.", None], "input": ["", ""], "output": ["Red", "Blue"]}), path)
-    assert "row 2: field 'instruction': missing" in load_error(path)
+    assert load_error(path) == f"{path}: row 2: field 'instruction': missing"
 
 
 def test_unreadable_parquet(tmp_path):
     path = tmp_path / "seeds.parquet"
     path.write_bytes(b"not parquet at all")
-    assert "not a readable Parquet file" in load_error(path)
+    assert load_error(path).startswith(f"{path}: not a readable Parquet file (")
 
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nowhere.jsonl"
-    assert "seed file not found" in load_error(path)
-    with pytest.raises(SeedFormatError, match="seed file not found"):
+    assert load_error(path) == f"{path}: no such file"
+    with pytest.raises(SeedFormatError, match="nowhere.jsonl: no such file"):
         seed_file_sha256(path)
 
 
@@ -310,4 +304,5 @@ def test_unknown_demo_language():
 def test_a_pretty_printed_json_object_is_explained(tmp_path):
     path = tmp_path / "seeds.json"
     path.write_text(json.dumps({"tasks": [task()]}, indent=2), encoding="utf-8")
-    assert "one JSON object over several lines" in load_error(path)
+    assert load_error(path) == (f"{path}: holds one JSON object over several lines; expected one object a line "
+                                "(JSON Lines) or a JSON list of objects")
