@@ -426,6 +426,15 @@ class Rollout:
 # The models
 
 
+def response_logits(model, ids, mask, response_width: int):
+    """A causal LM's logits predicting each of the last `response_width` tokens: [B, R, V]."""
+    # logits_to_keep: the LM head runs on the response positions only, not on the prompt. Position
+    # t-1 predicts token t, so the last position (predicting past the response) is dropped.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                logits_to_keep=response_width + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
 def policy_and_value(policy, value_model):
     """Policy and value model as one torch Module: one DDP wrapper syncs the gradients of both.
 
@@ -441,18 +450,9 @@ def policy_and_value(policy, value_model):
             self.value_model = value_model
 
         def forward(self, ids, mask, response_width: int):
-            # logits_to_keep: the LM head runs on the response positions only, not on the prompt.
-            out = self.policy(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids(mask),
-                logits_to_keep=response_width + 1,
-                use_cache=False,
-            )
-            # Position t-1 predicts token t (and holds the value of the state before it); the last
-            # position predicts nothing that was sampled.
+            # The value of the state before response token t sits where the logits predicting t do.
             values = token_values(self.value_model, ids, mask)[:, -response_width - 1 : -1]
-            return out.logits[:, :-1], values
+            return response_logits(self.policy, ids, mask, response_width), values
 
     return PolicyAndValue()
 
@@ -721,14 +721,10 @@ class PPORun:
             logits, values = model(ids, mask, width)
             logprobs = logprobs_of(logits, responses, options.temperature)
             del logits
-            if self.reference is not None:
-                ref_logits = self.reference(
-                    input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                    logits_to_keep=width + 1, use_cache=False,
-                ).logits[:, :-1]
-            else:
-                with model.policy.disable_adapter():
-                    ref_logits = model(ids, mask, width)[0]
+            # With LoRA the reference is the policy with its adapters switched off.
+            off = model.policy.disable_adapter() if self.reference is None else contextlib.nullcontext()
+            with off:
+                ref_logits = response_logits(self.reference or model.policy, ids, mask, width)
             ref_logprobs = logprobs_of(ref_logits, responses, options.temperature)
             del ref_logits
             # The RM at the last response token (the EOS), or at the last query token for an empty response.
@@ -777,12 +773,15 @@ class PPORun:
                     mb = rollout.rows(torch.as_tensor(part, device=rollout.ids.device))
                     # Gradients are averaged across processes on the last micro-batch only.
                     sync = contextlib.nullcontext() if k == len(parts) - 1 else self.accelerator.no_sync(self.model)
-                    with sync, autocast_context():
-                        logits, values = self.model(mb.ids, mb.mask, mb.responses.shape[1])
+                    with sync:
+                        with autocast_context():
+                            logits, values = self.model(mb.ids, mb.mask, mb.responses.shape[1])
                         new_logprobs = logprobs_of(logits, mb.responses, options.temperature)
                         policy_loss, value_loss, step_stats = ppo_losses(
-                            new_logprobs, mb.logprobs, mb.advantages, values, mb.values, mb.returns, mb.valid, options
+                            new_logprobs, mb.logprobs, mb.advantages, values.float(), mb.values, mb.returns, mb.valid,
+                            options,
                         )
+                        # Micro-batch losses are averaged: their summed gradients are the minibatch's.
                         loss = (policy_loss + options.vf_coef * value_loss) / len(parts)
                         self.accelerator.backward(loss)
                     with torch.no_grad():
