@@ -21,13 +21,20 @@ One update, top to bottom in `PPORun.run_update`:
 Exact resume: every `checkpoint_every` updates one file holds policy, value model, optimizer,
 scheduler, KL coefficient, every RNG (python, numpy, torch) and the update counter and history,
 written atomically. The prompt batches depend only on (seed, update). A run killed at any time
-and restarted ends bit-identical to an uninterrupted one.
+and restarted ends bit-identical to an uninterrupted one (on the same device; some GPU kernels are
+not deterministic).
+
+Run it (the align flow's `ppo` stage calls the same function):
+
+    .venv/bin/python -c "from pathlib import Path; from tasks.align.ppo import PPOOptions, train_ppo; \
+        train_ppo(Path('sft'), Path('rm'), Path('prompts.parquet'), Path('ppo'), PPOOptions(), Path('ppo-ckpt'))"
 
 Processes: the policy and value model train as one module through `accelerate` (DDP: gradients
-averaged across processes, each process samples its own prompts), e.g.
-`accelerate launch --num_processes 2 --cpu script.py`. Devices: on a GPU fp32 weights with bf16
-autocast; on a CPU plain fp32. LoRA (on the policy only): `PPOOptions(lora=LoraOptions(enabled=True))`;
-the reference is then the policy with its adapters switched off.
+averaged across processes, each process samples its own prompts). Put that call in a script and
+start it with `torchrun --standalone --nproc_per_node 2 script.py` or `accelerate launch
+--num_processes 2 script.py` (add `--cpu` / gloo on a machine without GPUs). Devices: on a GPU fp32
+weights with bf16 autocast; on a CPU plain fp32. LoRA (on the policy only):
+`PPOOptions(lora=LoraOptions(enabled=True))`; the reference is then the policy with its adapters off.
 
 Inputs, checkpoints and the length monitor are in `tasks.align.ppo_io`.
 Tests: `OMP_NUM_THREADS=1 pytest tests/tasks/align/test_ppo.py tests/tasks/align/test_ppo_io.py`
@@ -644,9 +651,9 @@ class PPORun:
                 "update": self.done,
                 "history": self.history,
             }
-            path = self.store.save(self.done, state, {**self._meta(), "update": self.done})
+            path = self.store.save_in_background(self.done, state, {**self._meta(), "update": self.done})
         self.accelerator.wait_for_everyone()
-        self.timing["checkpoint_s"] += time.perf_counter() - began
+        self.timing["checkpoint_s"] += time.perf_counter() - began  # what training waited for
         self.timing["checkpoints"] += 1
         return path
 
@@ -833,8 +840,29 @@ class PPORun:
         return row
 
     def train(self) -> dict[str, Any]:
-        options = self.options
         started = time.time()
+        try:
+            self._train_loop()
+        finally:
+            self.store.wait()  # the last checkpoint is on disk before we return (or fail)
+        self.timing["checkpoint_write_s"] = self.store.write_seconds
+        history = self.history
+        return {
+            "updates": history,
+            "final": history[-1] if history else {},
+            "total_updates": self.options.num_updates,
+            "resumed_from_step": self.resumed_from,
+            "warnings": [h["warning"] for h in history if h.get("warning")],
+            "runtime_s": round(time.time() - started, 2),
+            "timing": dict(self.timing),
+            "device": str(self.accelerator.device),
+            "num_processes": self.world,
+            "num_prompts": len(self.prompts),
+            "reward_reading": self.reading,
+        }
+
+    def _train_loop(self) -> None:
+        options = self.options
         for update in range(self.done, options.num_updates):
             row = self.run_update(update)
             self.history.append(row)
@@ -852,20 +880,6 @@ class PPORun:
             if self.done % options.checkpoint_every == 0 or self.done == options.num_updates:
                 path = self._save_checkpoint()
                 self.log(f"PPO: checkpoint {path.name}")
-        history = self.history
-        return {
-            "updates": history,
-            "final": history[-1] if history else {},
-            "total_updates": options.num_updates,
-            "resumed_from_step": self.resumed_from,
-            "warnings": [h["warning"] for h in history if h.get("warning")],
-            "runtime_s": round(time.time() - started, 2),
-            "timing": dict(self.timing),
-            "device": str(self.accelerator.device),
-            "num_processes": self.world,
-            "num_prompts": len(self.prompts),
-            "reward_reading": self.reading,
-        }
 
     def save_policy(self, output_dir: Path) -> Path:
         """Save the trained policy (LoRA merged) and the tokenizer as a plain HF folder (main process)."""

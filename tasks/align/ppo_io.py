@@ -5,7 +5,8 @@ the algorithm reads top to bottom without file handling in between:
 
 - `load_prompts` / `check_tokenizer` / `chat_query_ids`: validated inputs, clear errors up front;
 - `PromptBatches`: the prompts of update s depend only on (seed, s), so a resume needs no sampler state;
-- `CheckpointStore`: one file per checkpoint (`ppo-step-000010.pt`), written atomically;
+- `CheckpointStore`: one file per checkpoint (`ppo-step-000010.pt`), written atomically, optionally
+  in a background thread;
 - `rng_state` / `set_rng_state`: every RNG a run draws from (python, numpy, torch, CUDA);
 - `length_warning`: the response-length monitor (a sign of reward hacking).
 
@@ -14,8 +15,11 @@ Tests: `pytest tests/tasks/align/test_ppo_io.py`.
 
 from __future__ import annotations
 
+import copy
 import random
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -144,6 +148,9 @@ class CheckpointStore:
     def __init__(self, folder: Path, keep: int):
         self.folder = Path(folder)
         self.keep = keep
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.write_seconds = 0.0  # spent by writers (in the background or not)
 
     def list(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -163,6 +170,7 @@ class CheckpointStore:
 
         from storage.atomic import atomic_path
 
+        began = time.perf_counter()
         final = self.path(step)
         with atomic_path(final) as tmp:
             # Plain state dicts through torch.save: no safetensors conversion, no config files.
@@ -171,7 +179,37 @@ class CheckpointStore:
             old.unlink(missing_ok=True)
         for stale in self.folder.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # left by a killed writer
             stale.unlink(missing_ok=True)
+        self.write_seconds += time.perf_counter() - began
         return final
+
+    def save_in_background(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """`save` in a thread: the caller waits only for a copy of the state, not for the disk.
+
+        Serialising and fsyncing go on while training continues (on a busy disk an fsync alone can
+        take seconds). The copy is needed because training keeps changing the tensors in place. A
+        kill during the write loses only this checkpoint: the file appears complete or not at all.
+        """
+        self.wait()  # one write at a time, in order
+        snapshot = copy_state(state)
+
+        def write() -> None:
+            try:
+                self.save(step, snapshot, meta)
+            except BaseException as exc:  # handed to the training thread by wait()
+                self._failure = exc
+
+        self._writer = threading.Thread(target=write, name=f"ppo-checkpoint-{step}", daemon=True)
+        self._writer.start()
+        return self.path(step)
+
+    def wait(self) -> None:
+        """Wait for a background write to finish; raise what it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise PPOError(f"{self.folder}: writing a checkpoint failed ({failure})") from failure
 
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         import torch
@@ -182,6 +220,19 @@ class CheckpointStore:
         except Exception as exc:
             raise PPOError(f"{path}: not a readable PPO checkpoint ({exc}); delete it to start afresh") from exc
         return saved["state"], saved["meta"]
+
+
+def copy_state(value: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples whose tensors are copied to the CPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: copy_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_state(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def rng_state() -> dict[str, Any]:

@@ -92,3 +92,24 @@ def test_rng_state_restores_every_generator():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_background_save_writes_a_copy_taken_when_it_was_called(tmp_path):
+    import torch
+
+    store = CheckpointStore(tmp_path, keep=2)
+    weights = torch.zeros(4)
+    history = [{"update": 1}]
+    store.save_in_background(1, {"weights": weights, "history": history}, {"step": 1})
+    weights += 1  # training goes on changing the tensors in place
+    history.append({"update": 2})
+    store.wait()
+    state, _ = store.load(store.latest())
+    assert torch.equal(state["weights"], torch.zeros(4)) and state["history"] == [{"update": 1}]
+    assert store.write_seconds > 0
+
+    # A failed background write is raised by the next wait(), in the training thread.
+    (tmp_path / "ppo-step-000002.pt").mkdir()  # a folder where the file must go
+    store.save_in_background(2, {"x": 1}, {})
+    with pytest.raises(PPOError, match="writing a checkpoint failed"):
+        store.wait()
