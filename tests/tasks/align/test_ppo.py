@@ -193,20 +193,20 @@ def test_ppo_raises_held_out_reward_with_bounded_kl_and_less_filler(toy, tmp_pat
     from tasks.align.evaluate import evaluate_models
     from tasks.generation.params import DecodingParams
 
-    options = PPOOptions(total_updates=20, seed=seed, checkpoint_every=10)
+    options = PPOOptions(total_updates=30, seed=seed, checkpoint_every=10)
     started = time.time()
     metrics = train_ppo(
         toy.sft_dir, toy.rm_dir, toy.train_prompts_path, tmp_path / "ppo", options, tmp_path / "ckpt", log=lambda _: None
     )
     ppo_seconds = time.time() - started
 
-    assert len(metrics["updates"]) == 20 and metrics["resumed_from_step"] is None
+    assert len(metrics["updates"]) == 30 and metrics["resumed_from_step"] is None
     for row in metrics["updates"]:
         assert {"update", "score", "rm_score", "kl", "kl_coef", "response_length", "missing_eos_rate", "policy_loss",
                 "value_loss", "clip_fraction", "entropy"} <= set(row)
         assert 0 < row["response_length"] <= options.response_length
-    assert [row["update"] for row in metrics["updates"]] == list(range(1, 21))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["ppo-step-000010.pt", "ppo-step-000020.pt"]
+    assert [row["update"] for row in metrics["updates"]] == list(range(1, 31))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["ppo-step-000020.pt", "ppo-step-000030.pt"]
 
     # Held-out prompts (never trained on by SFT, RM or PPO), three samples each, decoded as in training.
     prompts = toy.held_out_prompts * 3
