@@ -56,7 +56,7 @@ class AlignConfig(GateOptions):
     preferences: PreferenceOptions = Field(default_factory=PreferenceOptions, description="Preference pairs: sampling and the judge.")
     judge_generator: GeneratorConfig | None = Field(None, description="The LLM judge's generator when preferences.judge is 'llm' (default: the SFT model).")
     reward: RewardOptions = Field(default_factory=RewardOptions, description="Reward model (TRL RewardTrainer).")
-    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO against the reward model (the project's own PPO).")
+    ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO against the reward model (our own, tasks/align/ppo.py).")
     evaluation: EvalOptions = Field(default_factory=EvalOptions, description="The final comparison of base, SFT and PPO on the test split.")
     skip_ppo: bool = Field(False, description="Leave PPO out (the evaluation then compares base and SFT).")
     stop_after: Literal["preferences", "reward", "evaluation"] = Field(

@@ -160,8 +160,8 @@ def _train_rm(model, tokenizer, task: ToyTask, steps: int, seed: int) -> float:
     return float((chosen > rejected).float().mean())
 
 
-def build_align_fixtures(root: Path, sft_steps: int = 300, rm_steps: int = 150) -> AlignFixtures:
-    """Build (or reuse, when `root` already holds them) the base, SFT and RM folders."""
+def build_align_fixtures(root: Path, sft_steps: int = 300, rm_steps: int = 150, preset: str = "tiny") -> AlignFixtures:
+    """Build (or reuse, when `root` already holds them) the base, SFT and RM folders (bench/ppo.py: other presets)."""
     import json
 
     import pyarrow as pa
@@ -178,7 +178,7 @@ def build_align_fixtures(root: Path, sft_steps: int = 300, rm_steps: int = 150) 
         root.mkdir(parents=True, exist_ok=True)
         texts = [prompt + " " + clean_answer(topic) + " " + filler_answer(topic) for prompt, topic in task.train + task.held_out]
         tokenizer = train_tokenizer(texts * 4, vocab_size=400, min_frequency=1)
-        base = build_model("tiny", tokenizer, max_positions=128, seed=0)
+        base = build_model(preset, tokenizer, max_positions=128, seed=0)
         for name, model in (("base", base),):
             tokenizer.save_pretrained(root / name)
             model.save_pretrained(root / name)
