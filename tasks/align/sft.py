@@ -182,14 +182,17 @@ def train_from_latest_checkpoint(trainer, checkpoint_dir: Path, lora_enabled: bo
 
 
 def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path) -> dict[str, Any]:
-    """The TrainingArguments that SFT and the reward model share (steps, batches, schedule, checkpoints, seeds)."""
+    """The TrainingArguments that the align trainers share (steps, batches, schedule, checkpoints, seeds).
+
+    `max_length` is passed only when the options have one (RLOO's config has no such field).
+    """
     return dict(
         output_dir=str(checkpoint_dir),
         max_steps=options.max_steps,
         learning_rate=options.learning_rate,
         per_device_train_batch_size=options.per_device_train_batch_size,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
-        max_length=options.max_length,
+        **({"max_length": options.max_length} if hasattr(options, "max_length") else {}),
         warmup_steps=options.warmup_steps,
         logging_steps=options.logging_steps,
         save_strategy="steps",
