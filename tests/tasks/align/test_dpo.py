@@ -216,3 +216,21 @@ def test_interrupted_dpo_resumes_from_its_checkpoint_to_the_same_model(toy, fill
     # A checkpoint folder of a run with other options is refused, not resumed.
     with pytest.raises(AlignError, match="other options"):
         train_dpo(*args, tmp_path / "d", options.model_copy(update={"beta": 0.5}), tmp_path / "ckpt", log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_lora_dpo_trains_adapters_and_saves_a_plain_model(toy, filler_pairs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.align.config import LoraOptions
+
+    options = DPOOptions(max_steps=3, learning_rate=1e-3, logging_steps=1, lora=LoraOptions(enabled=True))
+    metrics = train_dpo(toy.sft_dir, filler_pairs["train"], filler_pairs["heldout"], tmp_path / "dpo", options,
+                        tmp_path / "ckpt", log=lambda _: None)
+    assert metrics["steps"] == 3 and metrics["heldout_after"]["accuracy"] > 0.5  # reference = adapters off
+    assert not (tmp_path / "dpo" / "adapter_config.json").exists()  # merged, loadable without peft
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(toy.sft_dir).state_dict()
+    assert trained.keys() == sft.keys()
+    changed = [k for k in sft if not (trained[k] == sft[k]).all()]
+    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)

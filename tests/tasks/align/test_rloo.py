@@ -213,3 +213,22 @@ def test_bad_inputs_are_refused_before_training(toy, tmp_path):
     with pytest.raises(AlignError, match="fewer than"):
         train_rloo(toy.sft_dir, toy.rm_dir, few, tmp_path / "o", options, tmp_path / "c")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_lora_rloo_trains_adapters_and_saves_a_plain_model(toy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.align.config import LoraOptions
+
+    options = RLOOOptions(max_steps=2, per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=1,
+                          lora=LoraOptions(enabled=True))
+    metrics = train_rloo(toy.sft_dir, toy.rm_dir, toy.train_prompts_path, tmp_path / "rloo", options,
+                         tmp_path / "ckpt", log=lambda _: None)
+    assert metrics["steps"] == 2 and metrics["final"]["kl"] is not None  # reference = adapters off
+    assert not (tmp_path / "rloo" / "adapter_config.json").exists()  # merged, loadable without peft
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "rloo").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(toy.sft_dir).state_dict()
+    assert trained.keys() == sft.keys()
+    changed = [k for k in sft if not (trained[k] == sft[k]).all()]
+    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
