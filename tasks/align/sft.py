@@ -183,40 +183,55 @@ def train_from_latest_checkpoint(trainer, checkpoint_dir: Path, lora_enabled: bo
     return result, resume, model
 
 
-def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path, best_metric: str,
-                      greater_is_better: bool) -> dict[str, Any]:
-    """The TrainingArguments that SFT and the reward model share.
+def shared_trainer_arguments(options: Any, checkpoint_dir: Path) -> dict[str, Any]:
+    """The TrainingArguments every align trainer shares (batches, schedule, checkpoints, seeds, device).
 
-    Both train by epochs, evaluate on the validation split every epoch (or every `eval_steps`),
-    checkpoint at each evaluation, and restore the checkpoint with the best `best_metric` at the end.
-    Checkpoints and evaluations coincide because the best one must be on disk to be restored.
+    `max_length` is passed only when the options have one (RLOO's config has no such field).
     """
-    strategy = "steps" if options.eval_steps else "epoch"
     return dict(
         output_dir=str(checkpoint_dir),
-        num_train_epochs=options.num_train_epochs,
-        max_steps=options.max_steps or -1,
         learning_rate=options.learning_rate,
         per_device_train_batch_size=options.per_device_train_batch_size,
-        per_device_eval_batch_size=options.per_device_train_batch_size,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
-        max_length=options.max_length,
+        **({"max_length": options.max_length} if hasattr(options, "max_length") else {}),
         warmup_steps=options.warmup_steps,
         logging_steps=options.logging_steps,
-        eval_strategy=strategy,
-        save_strategy=strategy,
-        eval_steps=options.eval_steps,
-        save_steps=options.eval_steps,
         save_total_limit=options.save_total_limit,
-        load_best_model_at_end=True,
-        metric_for_best_model=best_metric,
-        greater_is_better=greater_is_better,
         seed=options.seed,
         data_seed=options.seed,
         # Trainer replaces NaN losses by the running mean in its logs unless told not to.
         logging_nan_inf_filter=False,
         **training_device_kwargs(),
     )
+
+
+def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path, best_metric: str,
+                      greater_is_better: bool) -> dict[str, Any]:
+    """SFT and the reward model: epochs, validation every epoch (or every `eval_steps`), the best restored.
+
+    They checkpoint at each evaluation, and restore the checkpoint with the best `best_metric` at
+    the end. Checkpoints and evaluations coincide because the best one must be on disk to be restored.
+    """
+    strategy = "steps" if options.eval_steps else "epoch"
+    return dict(
+        **shared_trainer_arguments(options, checkpoint_dir),
+        num_train_epochs=options.num_train_epochs,
+        max_steps=options.max_steps or -1,
+        per_device_eval_batch_size=options.per_device_train_batch_size,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=options.eval_steps,
+        save_steps=options.eval_steps,
+        load_best_model_at_end=True,
+        metric_for_best_model=best_metric,
+        greater_is_better=greater_is_better,
+    )
+
+
+def step_trainer_arguments(options: Any, checkpoint_dir: Path) -> dict[str, Any]:
+    """DPO and RLOO: a fixed number of steps, a resumable checkpoint every `save_steps`."""
+    return dict(**shared_trainer_arguments(options, checkpoint_dir), max_steps=options.max_steps,
+                save_strategy="steps", save_steps=options.save_steps)
 
 
 def early_stopping(options: SFTOptions | RewardOptions) -> list[TrainerCallback]:
