@@ -33,12 +33,14 @@ from tasks.align.steps import (
     EvaluationResult,
     StageResult,
     build_preference_table,
+    dpo_step,
     evaluate_step,
     ppo_step,
     preferences_key,
     prepare_data,
     register_preferences,
     reward_step,
+    rloo_step,
     sft_step,
 )
 from tasks.publish import publish_table, run_logger
@@ -125,9 +127,15 @@ def align(config: AlignConfig = AlignConfig()) -> dict[str, str]:
         return refs
     models = {"sft": sft}
     if not config.skip_ppo:
-        with stage_timer("ppo"):
-            models["ppo"] = ppo_step(config, data, sft, rm)
-        refs["ppo"] = models["ppo"].ref
+        with stage_timer(config.method):
+            if config.method == "dpo":
+                policy = dpo_step(config, sft, preferences_ref)
+            elif config.method == "rloo":
+                policy = rloo_step(config, data, sft, rm)
+            else:
+                policy = ppo_step(config, data, sft, rm)
+        models[config.method] = policy
+        refs[config.method] = policy.ref
     with stage_timer("evaluation"):
         state = evaluate_step(config, data, models, rm, return_state=True)
         evaluation = passed_or_stop(state, gates)

@@ -27,7 +27,9 @@ from storage import atomic
 from storage.registry import Registry, RegistryError, Version, fingerprint
 from tasks.align.config import PreferenceOptions, RewardOptions, SFTOptions, SplitOptions
 from tasks.align.gates import Gate, GateOptions, policy_gate, reward_gate, sft_gate, stage_state
+from tasks.align.dpo import DPOOptions
 from tasks.align.ppo import PPOOptions
+from tasks.align.rloo import RLOOOptions
 from tasks.generation.config import GeneratorConfig, check_generator, resolve_local_model
 from tasks.generation.params import DecodingParams
 from tasks.launch import LaunchOptions
@@ -58,7 +60,13 @@ class AlignConfig(GateOptions):
     reward: RewardOptions = Field(default_factory=RewardOptions, description="Reward model (TRL RewardTrainer).")
     ppo: PPOOptions = Field(default_factory=PPOOptions, description="PPO against the reward model (our own, tasks/align/ppo.py).")
     evaluation: EvalOptions = Field(default_factory=EvalOptions, description="The final comparison of base, SFT and PPO on the test split.")
-    skip_ppo: bool = Field(False, description="Leave PPO out (the evaluation then compares base and SFT).")
+    method: Literal["ppo", "dpo", "rloo"] = Field(
+        "ppo", description="How the SFT model is aligned: ppo (our own, on the reward model), dpo (TRL's DPOTrainer on the "
+        "preference pairs, no reward model in training) or rloo (TRL's RLOOTrainer on the reward model). Each is evaluated "
+        "and gated the same way.")
+    dpo: DPOOptions = Field(default_factory=DPOOptions, description="DPO settings (method dpo).")
+    rloo: RLOOOptions = Field(default_factory=RLOOOptions, description="RLOO settings (method rloo).")
+    skip_ppo: bool = Field(False, description="Leave the alignment method out (the evaluation then compares base and SFT).")
     stop_after: Literal["preferences", "reward", "evaluation"] = Field(
         "evaluation", description="Stop after this stage, e.g. 'preferences' to collect human labels first and train later.")
 
@@ -295,6 +303,18 @@ def register_preferences(config: AlignConfig, data: AlignData, sft: StageResult,
     return draft.ref
 
 
+def preference_split_files(preferences_ref: str, work: Path) -> dict[str, Path]:
+    """The registered pairs as one Parquet file per split, in `work`."""
+    prefs = pq.read_table(Registry().resolve("dataset", preferences_ref).file("preferences.parquet"))
+    paths = {}
+    for name in ("train", "validation", "test"):
+        part = prefs.filter(pa.array([s == name for s in prefs["split"].to_pylist()]))
+        if part.num_rows == 0:
+            raise ValueError(f"{preferences_ref}: no preference pairs in the {name} split; sample more prompts")
+        paths[name] = atomic.write_parquet(work / f"{name}.parquet", part)
+    return paths
+
+
 @task(name="reward-model")
 def reward_step(config: AlignConfig, sft: StageResult, preferences_ref: str):
     """Train the reward model on the train pairs, stop early on validation; its gate: test accuracy above chance."""
@@ -304,13 +324,7 @@ def reward_step(config: AlignConfig, sft: StageResult, preferences_ref: str):
     ref = reuse("model", "rm", key)
     if not ref:
         work = Registry().work_dir("align-rm", key)
-        prefs = pq.read_table(Registry().resolve("dataset", preferences_ref).file("preferences.parquet"))
-        paths = {}
-        for name in ("train", "validation", "test"):
-            part = prefs.filter(pa.array([s == name for s in prefs["split"].to_pylist()]))
-            if part.num_rows == 0:
-                raise ValueError(f"{preferences_ref}: no preference pairs in the {name} split; sample more prompts")
-            paths[name] = atomic.write_parquet(work / f"{name}.parquet", part)
+        paths = preference_split_files(preferences_ref, work)
         metrics = train_reward_model(Path(sft.dir), paths["train"], paths["validation"], work / "model", config.reward,
                                      work / "checkpoints", log=run_logger().info, test_prefs=paths["test"])
         ref = register_folder("model", "rm", work / "model", config.reward, [f"model:{sft.ref}", f"dataset:{preferences_ref}"], metrics, key)
@@ -341,6 +355,42 @@ def ppo_step(config: AlignConfig, data: AlignData, sft: StageResult, rm: StageRe
                               {"ppo_curves.png": png, "ppo_updates.json": json.dumps(updates).encode()})
         publish_markdown("align-ppo", f"# {ref}\n\n{markdown_image(png, 'PPO curves')}\n", "PPO reward and KL per update.")
     return stage_result("ppo", ref)
+
+
+@task(name="dpo")
+def dpo_step(config: AlignConfig, sft: StageResult, preferences_ref: str) -> StageResult:
+    """DPO on the train pairs (no reward model in training; the evaluation still reads the RM)."""
+    from tasks.align.dpo import train_dpo
+
+    key = fingerprint("dpo", sft.ref, preferences_ref, config.dpo.model_dump(mode="json"))
+    ref = reuse("model", "dpo", key)
+    if not ref:
+        work = Registry().work_dir("align-dpo", key)
+        paths = preference_split_files(preferences_ref, work)
+        metrics = train_dpo(Path(sft.dir), paths["train"], paths["validation"], work / "model", config.dpo, work / "checkpoints",
+                            log=run_logger().info)
+        flat = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        flat.update({f"validation_{k}_{when}": v for when in ("before", "after") for k, v in (metrics.get(f"heldout_{when}") or {}).items()})
+        ref = register_folder("model", "dpo", work / "model", config.dpo, [f"model:{sft.ref}", f"dataset:{preferences_ref}"], flat, key)
+    return stage_result("dpo", ref)
+
+
+@task(name="rloo")
+def rloo_step(config: AlignConfig, data: AlignData, sft: StageResult, rm: StageResult) -> StageResult:
+    """RLOO on the train prompts against the reward model (TRL's RLOOTrainer)."""
+    from tasks.align.rloo import train_rloo
+
+    key = fingerprint("rloo", sft.ref, rm.ref, config.rloo.model_dump(mode="json"), config.split.model_dump())
+    ref = reuse("model", "rloo", key)
+    if not ref:
+        work = Registry().work_dir("align-rloo", key)
+        prompts = atomic.write_parquet(work / "prompts.parquet", pq.read_table(data.train).select(["prompt"]))
+        metrics = train_rloo(Path(sft.dir), Path(rm.dir), prompts, work / "model", config.rloo, work / "checkpoints",
+                             log=run_logger().info)
+        final = {k: v for k, v in metrics.get("final", {}).items() if isinstance(v, (int, float))}
+        ref = register_folder("model", "rloo", work / "model", config.rloo, [f"model:{sft.ref}", f"model:{rm.ref}"],
+                              {**final, "steps": metrics.get("steps")}, key)
+    return stage_result("rloo", ref)
 
 
 @task(name="evaluate")
