@@ -34,7 +34,7 @@ class PretrainConfig(BaseModel):
 
     corpus: list[str] = Field(default_factory=list, description="Corpus files or globs: .txt/.md (blank-line separated), .jsonl/.json (a text field), .parquet (a text column). Empty: the built-in demo corpus.")
     text_field: str = Field("text", min_length=1, description="The JSONL/JSON field or Parquet column holding the text.")
-    demo_documents: int = Field(1500, ge=10, description="With the demo corpus: how many standard-library docstrings to take.")
+    demo_documents: int = Field(200, ge=10, description="With the demo corpus: how many standard-library docstrings to take.")
     demo_world_tasks: int = Field(3000, ge=0, description="With the demo corpus: how many tasks of the demo task world (tasks.self_instruct.demo_world) to show in the self-instruct formats.")
     language: Literal["en", "ko"] = Field("en", description="With the demo corpus: the language of its task world and seed documents.")
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="Cleaning rules and thresholds.")

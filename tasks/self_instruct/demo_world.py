@@ -277,23 +277,33 @@ FAMILIES: tuple[Family, ...] = (
                            "ko": ("동물에 대한 문장이 맞나요? 예 또는 아니요로 답하세요.", "다음 문장이 사실인지 판단하세요.")},
            _is_animal_class, True),
 )
-# Said before or after an instruction; they make phrasings differ, as people's requests do.
-OPENERS = {"en": ("", "", "", "Please ", "Now ", "Quickly "), "ko": ("", "", "", "부디 ", "지금 ")}
-CLOSERS = {"en": ("", "", "", " Answer with one word.", " Write only the answer.", " Keep it short.", " Do not explain."),
-           "ko": ("", "", "", " 한 낱말로 답하세요.", " 답만 쓰세요.", " 짧게 답하세요.")}
+# Said before or after an instruction; they make requests of one task differ, as people's do, so
+# that the ROUGE-L novelty filter keeps more than one phrasing per task. Questions and commands take
+# different lead-ins ("Please what is ..." is not English).
+COMMAND_LEADS = {"en": ("", "", "", "Please ", "Now ", "For this task, ", "Read the input and then ", "Your job is simple: ",
+                        "Carefully ", "In one short step, ", "As a quick exercise, ", "Using the input below, "),
+                 "ko": ("", "", "", "지금 ", "다음 과제로 ", "입력을 읽고 ", "간단히 ", "아래 입력을 보고 ")}
+QUESTION_LEADS = {"en": ("", "", "", "Quick question: ", "Tell me, ", "Here is a question for you. ", "Think about the input. ",
+                         "Look at the input below. ", "One more puzzle: "),
+                  "ko": ("", "", "", "질문입니다. ", "생각해 보세요. ", "아래 입력을 보세요. ")}
+CLOSERS = {"en": ("", "", "", " Answer with one word.", " Write only the answer.", " Keep it short.", " Do not explain.",
+                  " No explanation is needed.", " Give just the result.", " Reply on one line.", " The input comes next.",
+                  " Be brief and exact.", " Skip any extra words."),
+           "ko": ("", "", "", " 한 낱말로 답하세요.", " 답만 쓰세요.", " 짧게 답하세요.", " 설명은 필요 없습니다.", " 결과만 적으세요.")}
 
 
 def families(language: str) -> list[Family]:
-    if language not in OPENERS:
+    if language not in CLOSERS:
         raise ValueError(f"the demo world has no language {language!r} (en, ko)")
     return [f for f in FAMILIES if language in f.phrasings]
 
 
 def _instruction(rng: Rng, family: Family, phrasing: str, language: str) -> str:
-    opener = rng.choice(OPENERS[language])
-    if opener and language == "en":
+    leads = QUESTION_LEADS if phrasing.endswith("?") else COMMAND_LEADS
+    lead = rng.choice(leads[language])
+    if lead and language == "en" and not lead.endswith((". ", ": ")):
         phrasing = phrasing[0].lower() + phrasing[1:]
-    return opener + phrasing + rng.choice(CLOSERS[language])
+    return lead + phrasing + rng.choice(CLOSERS[language])
 
 
 def _instances(rng: Rng, family: Family, language: str, count: int) -> list[Instance]:
