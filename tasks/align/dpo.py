@@ -148,7 +148,9 @@ def implicit_reward_stats(policy: dict[str, list[float]], reference: dict[str, l
 def side_nll(model, tokenizer, table: pa.Table, side: str, max_length: int) -> float:
     """Held-out completion NLL per token of the `side` ('chosen' or 'rejected') answers (sft.completion_nll)."""
     view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})
-    return completion_nll(model, tokenizer, view, max_length)
+    # An empty sampled answer is a fair rejected answer, but it has no tokens to score but its EOS.
+    view = view.filter(pa.array([bool(text and text.strip()) for text in view["completion"].to_pylist()]))
+    return completion_nll(model, tokenizer, view, max_length) if view.num_rows else float("nan")
 
 
 # ---------------------------------------------------------------- training

@@ -64,7 +64,7 @@ class Gate(BaseModel):
 
     def entry(self) -> dict[str, Any]:
         """The `gates` entry of evaluation.json."""
-        keys = {"metric", "baseline", "value", "se", "passed"} | ({"kl", "independent"} if self.stage == "ppo" else set())
+        keys = {"metric", "baseline", "value", "se", "passed"} | ({"kl", "independent"} if self.stage not in ("sft", "rm") else set())
         return self.model_dump(include=keys)
 
     def row(self) -> dict[str, Any]:

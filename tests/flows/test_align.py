@@ -113,3 +113,27 @@ def test_sft_stage_through_accelerate_with_two_cpu_processes(registry_root, tiny
     assert sft.metrics["world_size"] == 2
     assert sft.metrics["eval_loss_after"] < sft.metrics["eval_loss_before"]
     assert Registry().exists("dataset", refs["preferences"])
+
+
+@pytest.mark.parametrize("method", ["dpo", "rloo"])
+def test_dpo_and_rloo_run_from_the_align_flow_and_register_with_lineage(registry_root, tiny_model_dir, instruction_file, method):
+    from tasks.align.dpo import DPOOptions
+    from tasks.align.rloo import RLOOOptions
+
+    config = tiny_config(tiny_model_dir, instruction_file, method=method,
+                         dpo=DPOOptions(max_steps=4, per_device_train_batch_size=4, save_steps=2, logging_steps=2),
+                         rloo=RLOOOptions(max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+                                          save_steps=2, logging_steps=1))
+    refs = align(config)
+    assert method in refs and "ppo" not in refs
+    registry = Registry()
+    lineage = {v.ref for _, _, v in registry.lineage("model", refs[method])}
+    assert refs["sft"] in lineage
+    assert (refs["preferences"] if method == "dpo" else refs["rm"]) in lineage
+    evaluation = registry.resolve("dataset", refs["eval"])
+    rows = {row["model"] for row in pq.read_table(evaluation.file("metrics.parquet")).to_pylist()}
+    assert rows == {"base", "sft", method}
+    import json
+
+    gates = json.loads((evaluation.path / "evaluation.json").read_text())["gates"]
+    assert set(gates) == {"sft", "rm", method} and {"kl", "independent"} <= set(gates[method])
