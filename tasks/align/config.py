@@ -64,11 +64,11 @@ class SFTOptions(BaseModel):
     """Supervised fine-tuning with TRL's SFTTrainer: chat template, EOS-terminated targets."""
 
     num_train_epochs: float = Field(
-        12.0, gt=0.0, description="Most passes over the training examples; early stopping usually ends training sooner.")
+        8.0, gt=0.0, description="Most passes over the training examples; early stopping usually ends training sooner.")
     max_steps: int | None = Field(
         None, ge=1, description="Cap on optimizer steps, overriding num_train_epochs; empty: train by epochs.")
     early_stopping_patience: int | None = Field(
-        2, ge=1, description="Stop after this many evaluations without a lower validation loss, then restore the best "
+        1, ge=1, description="Stop after this many evaluations without a lower validation loss, then restore the best "
         "checkpoint; empty: train every epoch and still restore the best.")
     learning_rate: float = Field(
         1e-3, gt=0.0, description="Peak learning rate of AdamW (linear decay). 1e-3 suits the project's tiny "
@@ -108,7 +108,7 @@ class PreferenceOptions(BaseModel):
         "file: labels imported from a Parquet file (labels_path).",
     )
     decoding: DecodingParams = Field(
-        default_factory=lambda: DecodingParams(strategy="sample", temperature=1.0, max_new_tokens=64, seed=0),
+        default_factory=lambda: DecodingParams(strategy="sample", temperature=1.0, max_new_tokens=32, seed=0),
         description="How the K responses are sampled (temperature, top_p, max_new_tokens, ...).",
     )
     pairs_per_prompt: int = Field(
@@ -137,11 +137,11 @@ class RewardOptions(BaseModel):
     """Reward model training with TRL's RewardTrainer: a scalar head on the SFT backbone."""
 
     num_train_epochs: float = Field(
-        8.0, gt=0.0, description="Most passes over the training pairs; early stopping usually ends training sooner.")
+        3.0, gt=0.0, description="Most passes over the training pairs; early stopping usually ends training sooner.")
     max_steps: int | None = Field(
         None, ge=1, description="Cap on optimizer steps, overriding num_train_epochs; empty: train by epochs.")
     early_stopping_patience: int | None = Field(
-        2, ge=1, description="Stop after this many evaluations without a higher validation accuracy, then restore the "
+        1, ge=1, description="Stop after this many evaluations without a higher validation accuracy, then restore the "
         "best checkpoint; empty: train every epoch and still restore the best.")
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate validation accuracy (and write a resumable checkpoint) every N steps; empty: "
