@@ -149,9 +149,8 @@ def build_reward_trainer(
     """
     from trl import RewardConfig, RewardTrainer
 
-    arguments = trainer_arguments(options, checkpoint_dir, "eval_accuracy", greater_is_better=True)
-    if validation_table is None:
-        arguments.update(eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None)
+    arguments = trainer_arguments(options, checkpoint_dir, "eval_accuracy", greater_is_better=True,
+                                  validation=validation_table is not None)
     config = RewardConfig(**arguments, center_rewards_coefficient=options.center_rewards_coefficient)
     quiet_progress_bars()
     trainer = RewardTrainer(

@@ -206,13 +206,18 @@ def shared_trainer_arguments(options: Any, checkpoint_dir: Path) -> dict[str, An
 
 
 def trainer_arguments(options: SFTOptions | RewardOptions, checkpoint_dir: Path, best_metric: str,
-                      greater_is_better: bool) -> dict[str, Any]:
+                      greater_is_better: bool, validation: bool = True) -> dict[str, Any]:
     """SFT and the reward model: epochs, validation every epoch (or every `eval_steps`), the best restored.
 
     They checkpoint at each evaluation, and restore the checkpoint with the best `best_metric` at
     the end. Checkpoints and evaluations coincide because the best one must be on disk to be restored.
+    Without `validation` data they checkpoint on the same schedule and keep the last weights.
     """
     strategy = "steps" if options.eval_steps else "epoch"
+    if not validation:
+        return dict(**shared_trainer_arguments(options, checkpoint_dir), num_train_epochs=options.num_train_epochs,
+                    max_steps=options.max_steps or -1, eval_strategy="no", save_strategy=strategy,
+                    save_steps=options.eval_steps)
     return dict(
         **shared_trainer_arguments(options, checkpoint_dir),
         num_train_epochs=options.num_train_epochs,
@@ -348,7 +353,7 @@ def build_sft_trainer(
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
-        **trainer_arguments(options, checkpoint_dir, "eval_loss", greater_is_better=False),
+        **trainer_arguments(options, checkpoint_dir, "eval_loss", greater_is_better=False, validation=eval_table is not None),
         weight_decay=options.weight_decay,
         completion_only_loss=options.completion_only_loss,
     )
@@ -360,7 +365,7 @@ def build_sft_trainer(
         eval_dataset=to_prompt_completion_dataset(eval_table) if eval_table is not None else None,
         processing_class=tokenizer,
         peft_config=options.lora.peft_config("CAUSAL_LM"),
-        callbacks=[*early_stopping(options), *(callbacks or [])],
+        callbacks=[*(early_stopping(options) if eval_table is not None else []), *(callbacks or [])],
     )
     drop_printer(trainer)
     return trainer

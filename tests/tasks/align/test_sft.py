@@ -152,7 +152,8 @@ train_sft(Path(base), Path(train), Path(held_out), Path(out), SFTOptions.model_v
 
 @pytest.mark.slow
 def test_sft_killed_with_sigkill_resumes_from_its_checkpoint(align_base_dir, instruction_data, tmp_path, subprocess_env):
-    options = SFTOptions(max_steps=120, learning_rate=2e-3, eval_steps=20, logging_steps=10, seed=0)
+    # No early stopping: the run must go the whole way for the step counts to be checked.
+    options = SFTOptions(max_steps=120, learning_rate=2e-3, eval_steps=20, logging_steps=10, seed=0, early_stopping_patience=None)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     args = [str(align_base_dir), str(instruction_data["train"]), str(instruction_data["eval"]), str(out), str(ckpt)]
     child = subprocess.Popen(
