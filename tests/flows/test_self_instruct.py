@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def small_config(model: Path, **overrides) -> SelfInstructConfig:
     values = dict(
+        min_machine_instructions=0,  # short runs check the machinery; the minimum has its own test
         generator=GeneratorConfig(model=str(model), batch_size=16),
         bootstrap_decoding=DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=96),
         instance_decoding=DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=64),
@@ -147,6 +148,21 @@ def test_bad_seed_file_fails_with_file_line_and_field(registry_root, demo_base_m
     seeds.write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n{"instruction": "Say bye."}\n')
     with pytest.raises(SeedFormatError, match=r"seeds\.jsonl: line 2: field 'instances'"):
         self_instruct(small_config(demo_base_model, seeds=str(seeds)))
+    assert Registry().names("dataset") == []
+
+
+def test_a_generator_that_yields_nothing_usable_registers_nothing(registry_root, tiny_model_dir):
+    """An untrained model writes nothing that parses: a clear error with the funnel, and an empty registry."""
+    from tasks.self_instruct.pipeline import DatasetTooSmallError
+
+    config = small_config(tiny_model_dir, min_machine_instructions=1, num_instructions=8, max_requests=16, requests_per_batch=8,
+                          instance_attempts=2)
+    with pytest.raises(DatasetTooSmallError) as caught:
+        self_instruct(config)
+    message = str(caught.value)
+    assert message.startswith("self-instruct: 0 machine instructions with instances, fewer than min_machine_instructions=1; "
+                              "nothing was registered. 16 requests gave ")
+    assert "rejected: " in message and "in 2 tries" in message
     assert Registry().names("dataset") == []
 
 
