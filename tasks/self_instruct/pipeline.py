@@ -243,7 +243,7 @@ def _bootstrap_requests(config: SelfInstructConfig, seeds: list[SeedTask], work:
 def _bootstrap_shard(config: SelfInstructConfig, generator: Generator, requests: list[dict[str, Any]],
                      decoding: DecodingParams, pool: list[str]) -> list[dict[str, Any]]:
     """Continue the prompts, parse and filter the candidates, and score them against the pool."""
-    from tasks.rouge.nearest import nearest
+    from tasks.rouge.engine import nearest
 
     completions = generator.complete([r["prompt"] for r in requests], decoding)
     identity = json.dumps(generator.identity(), sort_keys=True)
@@ -271,7 +271,7 @@ def _decide_in_order(config: SelfInstructConfig, rows: list[dict[str, Any]]) -> 
     and against the candidates this batch kept before it; ties go to the pool, which comes first
     in pool order, as in one sequential filter.
     """
-    from tasks.rouge.nearest import nearest
+    from tasks.rouge.engine import nearest
 
     kept_in_batch: list[str] = []
     for row in rows:
