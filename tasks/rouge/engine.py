@@ -58,6 +58,7 @@ Use::
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from array import array
@@ -82,7 +83,7 @@ _PARALLEL_MIN = 128
 # Seen items are verified in chunks, the first this large, each next one 4x larger.
 _FIRST_CHUNK = 16
 # Features in the most postings get one bit each of a per-item mask (the rest are scanned).
-_COMMON_BITS = 32
+_COMMON_BITS = 64
 # The common features are chosen again when the pool reaches this size, then each time it doubles.
 _FIRST_REBUILD = 64
 # A feature is a token's code point plus (its occurrence number in the text << this).
@@ -154,6 +155,17 @@ else:  # numpy < 2
 
     def _popcount(values: np.ndarray) -> np.ndarray:
         return _BYTE_BITS[values.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.int64)
+
+
+def _counted(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of some arrays of distinct values, and in how many arrays each is."""
+    values = np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy()
+    values.sort()
+    first = np.empty(len(values), dtype=bool)
+    first[0] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return values[starts], np.diff(starts, append=len(values))
 
 
 def resolve_workers(workers: int) -> int:
@@ -238,6 +250,7 @@ class NearestIndex:
         self._verified = np.zeros(1024, dtype=bool)  # scratch: items verified by the current query
         self._postings: dict[int, array] = {}  # feature -> pool indices holding it, ascending
         self._by_length: dict[int, array] = {}  # n -> pool indices of the items of n tokens
+        self._group_masks: dict[int, array] = {}  # n -> their masks, in the same order
         self._lengths = np.zeros(0)  # the distinct non-zero lengths in the pool, ascending
         self._bits: dict[int, int] = {}  # common feature -> its bit
         self._rebuilt_at = 0
@@ -265,12 +278,6 @@ class NearestIndex:
             self._lens[index] = n
             if not n:
                 continue
-            group = by_length.get(n)
-            if group is None:
-                by_length[n] = array("i", (index,))
-                new_length = True
-            else:
-                group.append(index)
             mask = 0
             for feature in _features(code):
                 posting = postings.get(feature)
@@ -282,6 +289,14 @@ class NearestIndex:
                 if bit is not None:
                     mask |= 1 << bit
             self._masks[index] = mask
+            group = by_length.get(n)
+            if group is None:
+                by_length[n] = array("i", (index,))
+                self._group_masks[n] = array("Q", (mask,))
+                new_length = True
+            else:
+                group.append(index)
+                self._group_masks[n].append(mask)
         if new_length:
             self._lengths = np.array(sorted(by_length), dtype=np.float64)
         if end >= max(_FIRST_REBUILD, 2 * self._rebuilt_at):
@@ -296,6 +311,8 @@ class NearestIndex:
         for feature, bit in self._bits.items():
             masks[np.frombuffer(self._postings[feature], dtype=np.int32)] |= np.uint64(1 << bit)
         self._masks = masks
+        self._group_masks = {n: array("Q", masks[np.frombuffer(group, dtype=np.int32)].tobytes())
+                             for n, group in self._by_length.items()}
         self._rebuilt_at = size
 
     def query(self, code: str | list[int], guide: float = 0.7) -> tuple[float, int | None]:
@@ -328,11 +345,10 @@ class NearestIndex:
         if others:
             # Items sharing a rarer token: their exact multiset overlap, shared rare tokens plus
             # shared common ones (bits), bounds their LCS.
-            seen, overlap = np.unique(np.concatenate(others) if len(others) > 1 else others[0],
-                                      return_counts=True)
+            seen, overlap = _counted(others)
             del others  # views of the postings: released before the pool may grow
             if common:
-                overlap = overlap + _popcount(masks[seen] & mask)
+                overlap += _popcount(masks[seen] & mask)
             n = lens[seen]
             bound = 2.0 * np.minimum(overlap, n) / (m + n)
             best, best_index = self._verify_in_order(code, m, seen, bound, best, best_index, touched)
@@ -342,16 +358,19 @@ class NearestIndex:
             lengths = self._lengths
             reach = 2.0 * np.minimum(common, lengths) / (m + lengths)
             parts, part_bounds = [], []
+            verified = self._verified
+            half_level = (best - _MARGIN) / 2.0
             for n in lengths[reach >= best - _MARGIN].tolist():
-                items = np.frombuffer(self._by_length[int(n)], dtype=np.int32)
-                overlap = _popcount(masks[items] & mask)
-                bound = 2.0 * np.minimum(overlap, n) / (m + n)
-                open_ = (overlap > 0) & (bound >= best - _MARGIN)
-                open_ &= ~self._verified[items]
-                if open_.any():
-                    parts.append(items[open_])
-                    part_bounds.append(bound[open_])
-                del items
+                # Least overlap reaching the best so far at this length (and at least one token).
+                need = max(1, math.ceil(half_level * (m + n)))
+                counts = _popcount(np.frombuffer(self._group_masks[int(n)], dtype=np.uint64) & mask)
+                hits = np.flatnonzero(counts >= need)
+                if not len(hits):
+                    continue
+                items = np.frombuffer(self._by_length[int(n)], dtype=np.int32)[hits]
+                open_ = ~verified[items]
+                parts.append(items[open_])
+                part_bounds.append(2.0 * np.minimum(counts[hits][open_], n) / (m + n))
             if parts:
                 best, best_index = self._verify_in_order(
                     code, m, np.concatenate(parts), np.concatenate(part_bounds), best, best_index, touched)
@@ -360,23 +379,27 @@ class NearestIndex:
             verified[chosen] = False
         return best, best_index
 
+    def _verify_top(self, code: str | list[int], m: int, items: np.ndarray, bound: np.ndarray,
+                    best: float, best_index: int | None, touched: list[np.ndarray]) -> tuple[float, int | None]:
+        """Verify the few items of highest bound (no full sort): usually they hold the best score."""
+        if len(items) > _FIRST_CHUNK:
+            chosen = items[np.argpartition(-bound, _FIRST_CHUNK - 1)[:_FIRST_CHUNK]]
+        else:
+            chosen = items
+        chosen = chosen[~self._verified[chosen]]
+        if len(chosen):
+            best, best_index = self._verify(code, m, chosen, best, best_index)
+            self._verified[chosen] = True
+            touched.append(chosen)
+        return best, best_index
+
     def _verify_in_order(self, code: str | list[int], m: int, items: np.ndarray, bound: np.ndarray,
                          best: float, best_index: int | None, touched: list[np.ndarray]) -> tuple[float, int | None]:
         """Verify `items` in decreasing order of their bound until none left can reach the best."""
-        verified = self._verified
         if len(items) > _FIRST_CHUNK:
-            # The most promising few first (no full sort): usually they hold the best score, and
-            # then the bounds of nearly all the others fall below it.
-            top = np.argpartition(-bound, _FIRST_CHUNK - 1)[:_FIRST_CHUNK]
-            if bound[top].max() >= best - _MARGIN:
-                chosen = items[top]
-                best, best_index = self._verify(code, m, chosen, best, best_index)
-                verified[chosen] = True
-                touched.append(chosen)
-            open_ = bound >= best - _MARGIN
-            open_[top] = False
-        else:
-            open_ = bound >= best - _MARGIN
+            best, best_index = self._verify_top(code, m, items, bound, best, best_index, touched)
+        verified = self._verified
+        open_ = (bound >= best - _MARGIN) & ~verified[items]
         items, bound = items[open_], bound[open_]
         if not len(items):
             return best, best_index
@@ -399,7 +422,12 @@ class NearestIndex:
         self.scored += len(items)
         lcs = process.cdist([code], [codes[i] for i in items.tolist()], scorer=LCSseq.similarity,
                             dtype=np.int32)[0]
-        scores = _fmeasures(lcs.astype(np.float64), m, self._lens[items])
+        # Every item verified shares a token with the text: l >= 1, no zero division. The very
+        # float operations of `rouge_l_fmeasure` (p = l / n, r = l / m, 2 * p * r / (p + r)).
+        lcs = lcs.astype(np.float64)
+        precision = lcs / self._lens[items]
+        recall = lcs / m
+        scores = 2 * precision * recall / (precision + recall)
         top = float(scores.max())
         if top > 0.0 and top >= best:
             first = int(items[scores == top].min())
