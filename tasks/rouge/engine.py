@@ -22,19 +22,20 @@ How it is fast, with every step exact:
    rapidfuzz's bit-parallel LCS (``LCSseq``) runs on them in C; a block is tokenized in one go.
 2. ``NearestIndex`` holds a pool with an inverted index over token *occurrences* (the k-th "the"
    of an item is its own feature), so the size of a set intersection of features is the size of
-   the token multiset intersection, an upper bound of the LCS length. A query of m tokens takes
-   its features rarest first (posting length now). After scanning the first i of them, every pool
-   item sharing one of them is "seen", with ``shared`` of the scanned features: its LCS is at most
-   ``min(shared + m - i, n)``; an unseen item shares at most ``m - i`` tokens, so it scores at
-   most ``2 * min(m - i, n) / (m + n)`` over the pool's lengths n (the length bound LCS <=
-   min(m, n) is in both). The query scans to the depth where that unseen bound falls below the
-   filter's threshold, verifies the seen items with an exact LCS in decreasing order of their
-   bound (in growing chunks), and stops verifying once the best score found is above every
-   remaining bound; if the best found is below the threshold, it scans deeper, to where the
-   unseen bound falls below the best found, and verifies again. The result is the exact maximum
-   (and the lowest pool index reaching it: every item whose bound reaches the best is verified).
-   The common words ("the", "a") are, in most queries, never scanned. Bounds use a 1e-9 margin,
-   far above float rounding (~1e-16), so rounding can only add work, never lose a pair.
+   the token multiset intersection, an upper bound of the LCS length (which is also at most
+   min(m, n)): a pair of lengths m, n sharing ``o`` tokens scores at most ``2 * o / (m + n)``.
+   The 64 features in the most postings (the common words) are not scanned: each pool item
+   carries a 64-bit mask of them, and the overlap on them is a popcount. A query of m tokens then
+   (a) scans the postings of its other features and counts, per item met, the shared ones; plus
+   the popcount, that is each such item's exact overlap; (b) verifies these items with an exact
+   LCS (rapidfuzz) in decreasing order of their bound, the few most promising first, and stops
+   once the best score found is above every remaining bound; (c) bounds the items that share only
+   common words by their popcount, per length n, only for the lengths where ``2 * min(c, n) /
+   (m + n)`` (c: the query's common words) can still reach the best score, and verifies the few
+   that can. The result is the exact maximum and the lowest pool index reaching it: every item
+   whose bound reaches the best score is verified, and ties go to the lowest index. All bounds
+   are compared with a 1e-9 margin, far above float rounding (~1e-16), so rounding can only add
+   work, never lose a pair. The common words are chosen again when the pool doubles.
 3. ``RougeLFilter.offer`` works in rounds: every candidate of a round is scored against the pool
    as it was when the round began (a snapshot), speculatively and in parallel, one share per
    worker process (``workers``; each holds its own copy of the index, kept in sync with the
@@ -164,8 +165,11 @@ def _counted(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     first = np.empty(len(values), dtype=bool)
     first[0] = True
     np.not_equal(values[1:], values[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    return values[starts], np.diff(starts, append=len(values))
+    starts = first.nonzero()[0]
+    counts = np.empty(len(starts), dtype=np.intp)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+    counts[-1] = len(values) - starts[-1]
+    return values[starts], counts
 
 
 def resolve_workers(workers: int) -> int:
@@ -315,12 +319,8 @@ class NearestIndex:
                              for n, group in self._by_length.items()}
         self._rebuilt_at = size
 
-    def query(self, code: str | list[int], guide: float = 0.7) -> tuple[float, int | None]:
-        """Exact (highest score, lowest pool index reaching it) of `code` against the pool.
-
-        `guide` is kept for callers that know the score that matters (a threshold); the search is
-        exact whatever it is.
-        """
+    def query(self, code: str | list[int]) -> tuple[float, int | None]:
+        """Exact (highest score, lowest pool index reaching it) of `code` (the target) against the pool."""
         m = len(code)
         size = len(self._codes)
         self.pairs += size
@@ -350,9 +350,9 @@ class NearestIndex:
             if common:
                 overlap += _popcount(masks[seen] & mask)
             n = lens[seen]
-            bound = 2.0 * np.minimum(overlap, n) / (m + n)
+            bound = 2.0 * overlap / (m + n)  # overlap <= min(m, n): the length bound is in it
             best, best_index = self._verify_in_order(code, m, seen, bound, best, best_index, touched)
-        if common:
+        if common and 2.0 * common / (m + common) >= best - _MARGIN:  # (the most the lengths allow)
             # The other items share common tokens only: at most `common`, fewer for most; only
             # the lengths where that could reach the best score so far are looked at.
             lengths = self._lengths
@@ -364,13 +364,13 @@ class NearestIndex:
                 # Least overlap reaching the best so far at this length (and at least one token).
                 need = max(1, math.ceil(half_level * (m + n)))
                 counts = _popcount(np.frombuffer(self._group_masks[int(n)], dtype=np.uint64) & mask)
-                hits = np.flatnonzero(counts >= need)
+                hits = (counts >= need).nonzero()[0]
                 if not len(hits):
                     continue
                 items = np.frombuffer(self._by_length[int(n)], dtype=np.int32)[hits]
                 open_ = ~verified[items]
                 parts.append(items[open_])
-                part_bounds.append(2.0 * np.minimum(counts[hits][open_], n) / (m + n))
+                part_bounds.append(2.0 * counts[hits][open_] / (m + n))
             if parts:
                 best, best_index = self._verify_in_order(
                     code, m, np.concatenate(parts), np.concatenate(part_bounds), best, best_index, touched)
@@ -421,10 +421,9 @@ class NearestIndex:
         codes = self._codes
         self.scored += len(items)
         lcs = process.cdist([code], [codes[i] for i in items.tolist()], scorer=LCSseq.similarity,
-                            dtype=np.int32)[0]
+                            dtype=np.int32)[0].astype(np.float64)
         # Every item verified shares a token with the text: l >= 1, no zero division. The very
         # float operations of `rouge_l_fmeasure` (p = l / n, r = l / m, 2 * p * r / (p + r)).
-        lcs = lcs.astype(np.float64)
         precision = lcs / self._lens[items]
         recall = lcs / m
         scores = 2 * precision * recall / (precision + recall)
@@ -435,12 +434,12 @@ class NearestIndex:
                 best, best_index = top, first
         return best, best_index
 
-    def query_many(self, codes: Sequence[str | list[int]], guide: float = 0.7) -> list[tuple[float, int | None]]:
-        return [self.query(code, guide) for code in codes]
+    def query_many(self, codes: Sequence[str | list[int]]) -> list[tuple[float, int | None]]:
+        return [self.query(code) for code in codes]
 
 
-def nearest(texts: Sequence[str], pool: Sequence[str], tokenizer: str = "rouge", stemming: bool = False,
-            guide: float = 0.7) -> list[tuple[float, int | None]]:
+def nearest(texts: Sequence[str], pool: Sequence[str], tokenizer: str = "rouge",
+            stemming: bool = False) -> list[tuple[float, int | None]]:
     """For each text, (highest ROUGE-L F against the pool, index of the first pool item reaching it).
 
     The index is None when the highest score is 0 (nothing in common, an empty text, an empty pool).
@@ -452,11 +451,11 @@ def nearest(texts: Sequence[str], pool: Sequence[str], tokenizer: str = "rouge",
     codes = encoder.encode(list(pool) + list(texts))
     index = NearestIndex()
     index.add(codes[: len(pool)])
-    return index.query_many(codes[len(pool) :], guide)
+    return index.query_many(codes[len(pool) :])
 
 
 # ----------------------------------------------------------------------------- worker processes
-def _worker_main(connection, index: NearestIndex | None, guide: float) -> None:
+def _worker_main(connection, index: NearestIndex | None) -> None:
     """A scoring process: grow its copy of the pool, score the queries it is sent, reply."""
     index = index if index is not None else NearestIndex()
     while True:
@@ -466,7 +465,7 @@ def _worker_main(connection, index: NearestIndex | None, guide: float) -> None:
         new_codes, queries = message
         index.add(new_codes)
         pairs, scored = index.pairs, index.scored
-        results = index.query_many(queries, guide)
+        results = index.query_many(queries)
         connection.send((results, index.pairs - pairs, index.scored - scored))
     connection.close()
 
@@ -474,7 +473,7 @@ def _worker_main(connection, index: NearestIndex | None, guide: float) -> None:
 class _Workers:
     """Worker processes, each with a copy of the pool index, synchronised before every round."""
 
-    def __init__(self, count: int, index: NearestIndex, guide: float) -> None:
+    def __init__(self, count: int, index: NearestIndex) -> None:
         try:
             context = multiprocessing.get_context("fork")
             inherited = index  # forked: the child starts from this very index, no copy sent
@@ -485,7 +484,7 @@ class _Workers:
         self.processes = []
         for _ in range(count):
             ours, theirs = context.Pipe()
-            worker = context.Process(target=_worker_main, args=(theirs, inherited, guide), daemon=True)
+            worker = context.Process(target=_worker_main, args=(theirs, inherited), daemon=True)
             worker.start()
             theirs.close()
             self.connections.append(ours)
@@ -632,13 +631,12 @@ class RougeLFilter:
         """Each code's exact (best, index) against the pool as it is now, in parallel when it pays."""
         rows = [i for i, code in enumerate(codes) if code]
         results: list[tuple[float, int | None]] = [(0.0, None)] * len(codes)
-        guide = self.threshold
         if self.workers <= 1 or len(rows) < _PARALLEL_MIN or len(self._codes) < _PARALLEL_MIN:
             for i in rows:
-                results[i] = self._index.query(codes[i], guide)
+                results[i] = self._index.query(codes[i])
             return results
         if self._pool is None:
-            self._pool = _Workers(self.workers - 1, self._index, guide)
+            self._pool = _Workers(self.workers - 1, self._index)
         pool = self._pool
         new_codes = self._codes[pool.synced :]
         pool.synced = len(self._codes)
@@ -646,7 +644,7 @@ class RougeLFilter:
         for connection, share in zip(pool.connections, shares[1:]):
             connection.send((new_codes, [codes[i] for i in share]))
         for i in shares[0]:
-            results[i] = self._index.query(codes[i], guide)
+            results[i] = self._index.query(codes[i])
         for connection, share in zip(pool.connections, shares[1:]):
             answers, pairs, scored = connection.recv()
             self._worker_pairs += pairs
