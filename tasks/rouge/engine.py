@@ -379,30 +379,24 @@ class NearestIndex:
             verified[chosen] = False
         return best, best_index
 
-    def _verify_top(self, code: str | list[int], m: int, items: np.ndarray, bound: np.ndarray,
-                    best: float, best_index: int | None, touched: list[np.ndarray]) -> tuple[float, int | None]:
-        """Verify the few items of highest bound (no full sort): usually they hold the best score."""
-        if len(items) > _FIRST_CHUNK:
-            chosen = items[np.argpartition(-bound, _FIRST_CHUNK - 1)[:_FIRST_CHUNK]]
-        else:
-            chosen = items
-        chosen = chosen[~self._verified[chosen]]
-        if len(chosen):
-            best, best_index = self._verify(code, m, chosen, best, best_index)
-            self._verified[chosen] = True
-            touched.append(chosen)
-        return best, best_index
-
     def _verify_in_order(self, code: str | list[int], m: int, items: np.ndarray, bound: np.ndarray,
                          best: float, best_index: int | None, touched: list[np.ndarray]) -> tuple[float, int | None]:
-        """Verify `items` in decreasing order of their bound until none left can reach the best."""
-        if len(items) > _FIRST_CHUNK:
-            best, best_index = self._verify_top(code, m, items, bound, best, best_index, touched)
+        """Verify `items` (none verified yet; `bound` is ours to change) in decreasing order of
+        their bound until none left can reach the best score."""
         verified = self._verified
-        open_ = (bound >= best - _MARGIN) & ~verified[items]
-        items, bound = items[open_], bound[open_]
-        if not len(items):
+        if len(items) > _FIRST_CHUNK:
+            # The few most promising first (no full sort): usually they hold the best score, and
+            # then the bounds of nearly all the others fall below it.
+            top = np.argpartition(bound, len(items) - _FIRST_CHUNK)[-_FIRST_CHUNK:]
+            chosen = items[top]
+            best, best_index = self._verify(code, m, chosen, best, best_index)
+            verified[chosen] = True
+            touched.append(chosen)
+            bound[top] = -1.0
+        open_ = (bound >= best - _MARGIN).nonzero()[0]
+        if not len(open_):
             return best, best_index
+        items, bound = items[open_], bound[open_]
         order = np.argsort(-bound, kind="stable")
         items, bound = items[order], bound[order]
         start, chunk = 0, _FIRST_CHUNK
