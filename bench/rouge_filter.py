@@ -21,10 +21,20 @@ against the exact pool it meets in the stream (the engine's pool; every sampled 
 it), and the baseline's candidates/s for the prefix is the sample size divided by the sample's
 time, i.e. its per-candidate cost averaged over the prefix. ``--full`` (or ``--full-up-to N``)
 runs the real greedy baseline on every candidate and checks every decision (slow).
-Then the engine alone filters 50,000 candidates and the time is printed. The default run takes
-about a minute on 2 cores.
+Then the engine alone filters 50,000 candidates and the time is printed.
 
-Run: ``python bench/rouge_filter.py [--sizes 1000 2500 5000] [--sample 150] [--full] [--big 50000]``
+Last, the high-keep stream (``make_high_keep_stream``: 52,000 candidates, ~75% kept at 0.7, like
+Alpaca's 40,652 of 52,002) goes through ``alignflow dedup`` as a subprocess, start-up, reading and
+writing included (``--cli-repeat`` runs, best and median), with the pairs the greedy filter meets,
+the pairs the bounds settled and the pairs scored with an exact LCS. The baseline would take hours
+there, so it runs on an evenly spaced sample of the stream (``--high-keep-sample``), each candidate
+against the very pool it meets (the CLI's kept rows), and its time is extrapolated to the whole
+stream (mean per candidate x stream length); the ratio is that over the CLI's best time, and the
+sampled decisions, scores and most similar texts are checked against the CLI's output. The default
+run takes a few minutes on 2 cores; ``--only-high-keep`` runs that part alone.
+
+Run: ``python bench/rouge_filter.py [--sizes 1000 2500 5000] [--sample 150] [--full] [--big 50000]
+[--high-keep 52000] [--high-keep-sample 40] [--cli-repeat 3] [--workers -1] [--only-high-keep]``
 """
 
 from __future__ import annotations
@@ -191,6 +201,92 @@ def make_stream(n: int, seed: int = 0) -> list[str]:
     return stream
 
 
+# ----------------------------------------------------------------------------- high-keep stream
+# Most Alpaca-like candidates are kept (40,652 of 52,002 at 0.7): few near-duplicates, many texts
+# that share template words but little else. This stream is built the same way, offline and
+# deterministically: standard-library docstring sentences (their halves recombined, often behind
+# an instruction prefix), the demo seed instructions' openings, the templates above, and a few
+# near-duplicates and recombinations of earlier items; about 75% are kept at 0.7.
+_DOC_MODULES = """abc argparse ast base64 bisect calendar codecs collections contextlib copy csv dataclasses
+datetime decimal difflib doctest email.message enum fnmatch fractions ftplib functools gettext glob gzip
+hashlib heapq hmac html.parser http.client imaplib inspect io ipaddress itertools json locale logging lzma
+mailbox mimetypes numbers operator optparse os pathlib pickle platform poplib pprint queue random re sched
+secrets shelve shlex shutil smtplib socket sqlite3 ssl statistics string struct subprocess tarfile tempfile
+textwrap threading timeit tokenize traceback types typing unittest urllib.parse urllib.request uuid warnings
+wave weakref xml.dom.minidom zipfile zlib""".split()
+_PREFIXES = ["Explain in simple words what this means:", "Rewrite the following so that a beginner understands it:",
+             "Write a short function whose docstring says:", "Give an example where", "Turn this note into a question:",
+             "Summarize in one line:", "Is the following statement true? Explain why:", "Translate into plain English:",
+             "Write a test case that checks that", "Describe a situation in which", "Correct the grammar of:",
+             "Explain to a new colleague why"]
+
+
+def docstring_sentences() -> list[str]:
+    """Sentences of 4-30 words from the docstrings of some standard-library modules, sorted."""
+    import importlib
+    import inspect
+    import re
+    import warnings
+
+    seen: set[str] = set()
+    sentences: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in _DOC_MODULES:
+            module = importlib.import_module(name)
+            objects = [module] + [v for k, v in sorted(vars(module).items()) if not k.startswith("_")]
+            for obj in objects:
+                members = [obj]
+                if inspect.isclass(obj):
+                    members += [v for k, v in sorted(vars(obj).items()) if not k.startswith("_")]
+                for member in members:
+                    doc = getattr(member, "__doc__", None)
+                    if not isinstance(doc, str) or doc in seen:
+                        continue
+                    seen.add(doc)
+                    for paragraph in doc.split("\n\n"):
+                        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split())):
+                            if (4 <= len(sentence.split()) <= 30 and sentence[0].isalpha()
+                                    and not any(c in sentence for c in ">{}=[]|\\")):
+                                sentences.add(sentence.rstrip("."))
+    return sorted(sentences)
+
+
+def _half(rng: random.Random, sentence: str) -> list[str]:
+    words = sentence.split()
+    k = rng.randint(2, max(2, len(words) - 1))
+    return words[:k] if rng.random() < 0.5 else words[len(words) - k :]
+
+
+def make_high_keep_stream(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(seed instructions, `n` candidates) of which about 75% are kept at 0.7 (see above)."""
+    from tasks.self_instruct.seeds import demo_seed_path, load_seed_tasks
+
+    seeds = [task.instruction for task in load_seed_tasks(demo_seed_path("en"))]
+    sentences = docstring_sentences()
+    rng = random.Random(seed)
+    out: list[str] = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.07 and out:
+            out.append(_near_duplicate(rng, rng.choice(out[-3000:])))
+        elif roll < 0.09 and len(out) > 1:
+            out.append(_recombination(rng, rng.choice(out), rng.choice(out)))
+        elif roll < 0.15:
+            out.append(_fresh(rng))
+        elif roll < 0.42:
+            a, b = rng.sample(sentences, 2)
+            out.append(" ".join(_half(rng, a) + _half(rng, b)) + ".")
+        elif roll < 0.74:
+            a, b = rng.sample(sentences, 2)
+            out.append(rng.choice(_PREFIXES) + " " + " ".join(_half(rng, a) + _half(rng, b)).lower() + ".")
+        else:
+            opening = rng.choice(seeds).rstrip(".?").split()
+            words = opening[: rng.randint(2, max(2, len(opening) - 2))] + _half(rng, rng.choice(sentences))
+            out.append(" ".join(words) + rng.choice([".", "?", ""]))
+    return seeds, out
+
+
 # ----------------------------------------------------------------------------- baseline
 def _baseline_one(tokens: list[str], pool_tokens: list[list[str]], processes: int):
     """One candidate, as Alpaca's generate_instruction.py scores it: a Pool per candidate."""
@@ -258,6 +354,83 @@ def run_engine(stream: list[str], seeds: list[str], threshold: float, batch: int
     return engine, decisions, time.perf_counter() - started
 
 
+# ----------------------------------------------------------------------------- the CLI at 50K
+def run_cli_dedup(stream: list[str], seeds: list[str], threshold: float, repeat: int, workers: int):
+    """`alignflow dedup` as a subprocess on `stream` against `seeds`: (wall times, its output, kept rows)."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    folder = Path(tempfile.mkdtemp(prefix="rouge-bench-"))
+    try:
+        source, against, output = folder / "stream.jsonl", folder / "seeds.jsonl", folder / "kept.parquet"
+        source.write_text("".join(json.dumps({"id": i, "instruction": t}) + "\n" for i, t in enumerate(stream)))
+        against.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in seeds))
+        executable = Path(sys.executable).with_name("alignflow")
+        command = [str(executable)] if executable.exists() else [sys.executable, "-m", "flows.cli"]
+        command += ["dedup", "--input", str(source), "--against", str(against), "--column", "instruction",
+                    "--threshold", str(threshold), "--workers", str(workers), "--no-progress", "--output", str(output)]
+        times, text = [], ""
+        for _ in range(repeat):
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            times.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise RuntimeError(f"alignflow dedup failed ({done.returncode}): {done.stderr[-2000:]}")
+            text = done.stdout
+        kept = pq.read_table(output, columns=["id", "max_rouge_l", "most_similar"]).to_pylist()
+        return times, text, kept
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def high_keep_section(args) -> bool:
+    """The 50K high-keep stream through `alignflow dedup`, against the Alpaca kernel extrapolated."""
+    import re
+
+    seeds, stream = make_high_keep_stream(args.high_keep, seed=args.seed)
+    times, text, kept_rows = run_cli_dedup(stream, seeds, args.threshold, args.cli_repeat, args.workers)
+    best, median = min(times), sorted(times)[len(times) // 2]
+    match = re.search(r"pairs: (\d+) met, (\d+) pruned by bounds, (\d+) scored exactly", text)
+    pairs, pruned, scored = (int(g) for g in match.groups()) if match else (0, 0, 0)
+    kept_ids = [row["id"] for row in kept_rows]
+    kept_at = {row["id"]: row for row in kept_rows}
+    # The baseline on an evenly spaced sample of the stream, each candidate against the very pool
+    # it meets (the seeds, then the rows kept before it): its mean time per candidate, times the
+    # stream length, is its time for the whole stream (the sample spans the pool's growth evenly).
+    step = max(1, len(stream) // args.high_keep_sample)
+    positions = list(range(step // 2, len(stream), step))
+    import bisect
+
+    pool_texts = seeds + [stream[i] for i in kept_ids]
+    baseline, baseline_time = run_baseline(
+        stream, seeds, positions, lambda i: pool_texts[: len(seeds) + bisect.bisect_left(kept_ids, i)], args.threshold)
+    same = True
+    for i in positions:
+        kept, score, index = baseline[i]
+        row = kept_at.get(i)
+        if kept != (row is not None):
+            same = False
+        elif kept and (row["max_rouge_l"] != score or row["most_similar"] != (pool_texts[index] if index is not None else None)):
+            same = False
+    extrapolated = baseline_time / len(positions) * len(stream)
+    print(f"\nhigh-keep stream: {len(stream)} candidates (docstring sentences, demo seeds, templates), "
+          f"{len(seeds)} demo seeds as --against; threshold {args.threshold}")
+    print(f"alignflow dedup (subprocess, start-up included, --workers {args.workers}): best {best:.2f} s, "
+          f"median {median:.2f} s of {len(times)} runs; kept {len(kept_rows)} ({len(kept_rows) / len(stream):.1%})")
+    if pairs:
+        print(f"pairs: {pairs} met, {pruned} pruned by bounds ({pruned / pairs:.2%}), {scored} scored exactly (LCS)")
+    print(f"baseline (Alpaca kernel, Pool(2) per candidate) on a sample of {len(positions)} candidates: "
+          f"{len(positions) / baseline_time:.2f} cand/s -> {extrapolated:.0f} s ({extrapolated / 3600:.1f} h) "
+          f"for the whole stream, extrapolated (not run in full)")
+    print(f"ratio: {extrapolated / best:.0f}x (baseline extrapolated / CLI best); sampled decisions "
+          f"{'identical' if same else 'DIFFERENT'} ({len(positions)} checked)")
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2500, 5000],
@@ -271,7 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.7, help="ROUGE-L threshold")
     parser.add_argument("--repeat", type=int, default=5, help="engine runs before and again after the baseline, per prefix")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
+    parser.add_argument("--high-keep", type=int, default=52_000,
+                        help="length of the high-keep stream run through `alignflow dedup` (0: skip)")
+    parser.add_argument("--high-keep-sample", type=int, default=40,
+                        help="baseline candidates sampled from the high-keep stream")
+    parser.add_argument("--cli-repeat", type=int, default=3, help="`alignflow dedup` runs (best and median shown)")
+    parser.add_argument("--workers", type=int, default=-1, help="`alignflow dedup --workers` (-1: every core)")
+    parser.add_argument("--only-high-keep", action="store_true", help="run the high-keep section alone")
     args = parser.parse_args(argv)
+    if args.only_high_keep:
+        return 0 if high_keep_section(args) else 1
 
     stream = make_stream(max(max(args.sizes), args.big), seed=args.seed)
     # Alpaca's pool starts with the 175 seed tasks; these stand in for them.
@@ -322,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = time.process_time() - cpu
     print(f"engine alone: {args.big} candidates in {engine_time:.2f} s wall, {cpu:.2f} s CPU "
           f"({args.big / engine_time:.0f} cand/s), kept {len(engine.kept)}")
+    if args.high_keep:
+        all_ok &= high_keep_section(args)
     return 0 if all_ok else 1
 
 

@@ -44,9 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "script, Chinese/Japanese per character, Korean by word (default: rouge)")
     parser.add_argument("--stemming", action="store_true",
                         help="Porter-stem tokens longer than 3 letters, as rouge-score's use_stemmer")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="threads for the bulk LCS scans (-1: all cores; default: 1, which measured "
-                             "faster on a busy 2-core machine)")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="processes scoring candidates in parallel, this one included (-1: every "
+                             "core, the default; decisions are the same for any count)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (it shows only when stderr is a terminal anyway)")
     parser.add_argument("--output", required=True, metavar="OUT.parquet",

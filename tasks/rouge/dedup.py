@@ -60,6 +60,8 @@ class DedupResult:
     seconds: float
     skipped_references: int = 0  # --against rows left out: missing, empty or without tokens
     notes: list[str] = field(default_factory=list)
+    pairs: int = 0  # (candidate, pool item) pairs the greedy filter meets
+    pairs_scored: int = 0  # of those, the pairs given an exact LCS (the others: settled by bounds)
 
     def summary(self) -> str:
         parts = [
@@ -76,7 +78,11 @@ class DedupResult:
             text += f" ({self.skipped_references} reference rows without text skipped)"
         if self.output is not None:
             text += f"; wrote {self.output} in {self.seconds:.2f} s"
-        return "\n".join([text, *self.notes])
+        lines = [text]
+        if self.pairs:
+            lines.append(f"pairs: {self.pairs} met, {self.pairs - self.pairs_scored} pruned by bounds, "
+                         f"{self.pairs_scored} scored exactly")
+        return "\n".join([*lines, *self.notes])
 
 
 # ----------------------------------------------------------------------------- reading
@@ -147,6 +153,15 @@ def dedup_table(
     started = time.perf_counter()
     values = instruction_values(path, table, column)
     engine = RougeLFilter(threshold=threshold, tokenizer=tokenizer, stemming=stemming, workers=workers)
+    try:
+        return _dedup_with(engine, table, values, path, references, tokenizer, started, progress)
+    finally:
+        engine.close()  # the worker processes
+
+
+def _dedup_with(engine: RougeLFilter, table: pa.Table, values: list[str | None], path: Path,
+                references: Sequence[str | None], tokenizer: str, started: float,
+                progress: Callable[[int], None] | None) -> tuple[pa.Table, DedupResult]:
     tokenize = engine._tokenize  # the engine's own tokenizer, so "no tokens" means the same thing
 
     usable_refs = [text for text in references if text and text.strip() and tokenize(text)]
@@ -204,6 +219,7 @@ def dedup_table(
         no_tokens=no_tokens, references=len(usable_refs), output=None,
         seconds=time.perf_counter() - started,
         skipped_references=len(references) - len(usable_refs), notes=notes,
+        pairs=engine.pair_counts[0], pairs_scored=engine.pair_counts[1],
     )
     return kept_table, result
 

@@ -63,7 +63,7 @@ class SelfInstructConfig(BaseModel):
     seeds: str | None = Field(None, description="Seed tasks: Self-Instruct JSONL, Alpaca JSON, or Parquet/JSONL with instruction,input,output. Empty: the built-in demo seeds of the language.")
     language: Literal["en", "ko"] = Field("en", description="Prompt templates and filter rules: en follows the paper; ko uses Korean templates, a punctuation-only first-character rule and the unicode ROUGE tokenizer.")
     num_instructions: int = Field(200, ge=1, le=1_000_000, description="Stop once this many machine instructions are kept.")
-    max_requests: int = Field(0, ge=0, description="Stop after this many bootstrap requests even when fewer instructions were kept; 0 means 2 x num_instructions.")
+    max_requests: int = Field(0, ge=0, description="Stop after this many bootstrap requests even when fewer instructions were kept; 0 means 10 x num_instructions (a weak generator repeats itself, and most of its candidates fail the novelty filter).")
     requests_per_batch: int = Field(16, ge=1, le=4096, description="Requests per batch (bootstrap prompts, or instructions to classify or give instances): one checkpoint per batch.")
     shard_size: int = Field(16, ge=1, le=4096, description="Requests per generation task: a batch's shards run in parallel on the task runner. Part of the run's identity (it fixes how prompts are batched), unlike the runner.")
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the shards run: threads here (default), a Dask cluster or a Ray cluster. Any runner gives the same dataset.")
@@ -83,7 +83,7 @@ class SelfInstructConfig(BaseModel):
 
     @property
     def request_limit(self) -> int:
-        return self.max_requests or 2 * self.num_instructions
+        return self.max_requests or 10 * self.num_instructions
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the dataset: everything but where the work runs."""
@@ -246,7 +246,7 @@ def _bootstrap_requests(config: SelfInstructConfig, seeds: list[SeedTask], work:
 def _bootstrap_shard(config: SelfInstructConfig, generator: Generator, requests: list[dict[str, Any]],
                      decoding: DecodingParams, pool: list[str]) -> list[dict[str, Any]]:
     """Continue the prompts, parse and filter the candidates, and score them against the pool."""
-    from tasks.rouge.nearest import nearest
+    from tasks.rouge.engine import nearest
 
     completions = generator.complete([r["prompt"] for r in requests], decoding)
     identity = json.dumps(generator.identity(), sort_keys=True)
@@ -274,7 +274,7 @@ def _decide_in_order(config: SelfInstructConfig, rows: list[dict[str, Any]]) -> 
     and against the candidates this batch kept before it; ties go to the pool, which comes first
     in pool order, as in one sequential filter.
     """
-    from tasks.rouge.nearest import nearest
+    from tasks.rouge.engine import nearest
 
     kept_in_batch: list[str] = []
     for row in rows:

@@ -21,7 +21,7 @@ from storage.registry import Registry, fingerprint
 from tasks.generation.config import GeneratorConfig, check_generator, load_generator, resolve_local_model
 from tasks.generation.params import Generator
 from tasks.publish import markdown_image, publish_markdown, publish_table, run_logger
-from tasks.rouge.nearest import nearest
+from tasks.rouge.engine import nearest
 from tasks.self_instruct import pipeline
 from tasks.self_instruct.pipeline import SelfInstructConfig
 from tasks.self_instruct.seeds import SeedTask, demo_seed_path, load_seed_tasks, seed_file_sha256

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
-from tasks.rouge.nearest import nearest
+from tasks.rouge.engine import nearest
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"])
 WORDS = ["a", "b", "c", "the", "of", "write", "poem", "x1", "42"]

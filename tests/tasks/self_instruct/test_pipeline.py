@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tasks.rouge.engine import RougeLFilter
-from tasks.rouge.nearest import nearest
+from tasks.rouge.engine import nearest
 from tasks.self_instruct.pipeline import SelfInstructConfig, _decide_in_order
 
 
