@@ -42,7 +42,7 @@ def read_version(ref: str):
 
 
 def test_demo_run_of_200_requested_instructions(registry_root, demo_base_model):
-    ref = self_instruct(small_config(demo_base_model, num_instructions=200, requests_per_batch=32))
+    ref = self_instruct(small_config(demo_base_model, num_instructions=200, max_requests=400, requests_per_batch=32))
     version, tables = read_version(ref)
     funnel = version.manifest.extra["funnel"]
     machine = [r for r in tables["instructions"].to_pylist() if r["origin"] == "machine"]
