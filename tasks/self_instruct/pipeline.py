@@ -69,8 +69,10 @@ class SelfInstructConfig(BaseModel):
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where the shards run: threads here (default), a Dask cluster or a Ray cluster. Any runner gives the same dataset.")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Which model generates: the pretrained model (local) or an OpenAI-compatible endpoint.")
     bootstrap_decoding: DecodingParams = Field(
-        default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, top_p=0.5, max_new_tokens=256),
-        description="Decoding of the instruction continuations (the paper: temperature 0.7, top_p 0.5).")
+        default_factory=lambda: DecodingParams(strategy="sample", temperature=1.0, top_p=0.95, max_new_tokens=256),
+        description="Decoding of the instruction continuations. The paper used temperature 0.7 and top_p 0.5 with GPT-3; a "
+        "small model at those settings repeats a handful of instructions that the novelty filter then rejects, so the "
+        "default samples more widely.")
     instance_decoding: DecodingParams = Field(
         default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=256),
         description="Decoding of instances. The paper decodes greedily with GPT-3; small models loop under greedy decoding, so the default samples. Classification answers are always greedy.")
