@@ -32,6 +32,7 @@ FLOWS = ("pretrain", "self-instruct", "align", "pipeline")
 # Training deployments: one run at a time (they would fight over one GPU).
 TRAINING_FLOWS = ("pretrain", "align", "pipeline")
 NIGHTLY_TOP_UP_CRON = "0 2 * * *"  # 02:00 UTC
+NIGHTLY_TOP_UP_SLUG = "nightly-top-up"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +75,13 @@ def default_configs(overrides: dict[str, dict[str, Any]] | None = None) -> dict[
 def trigger_parameters(config: BaseModel, templated: dict[str, Any]) -> dict[str, Any]:
     """The `config` parameter of a triggered run: the full default config with the templated fields."""
     return {"config": deep_merge(config.model_dump(mode="json"), templated)}
+
+
+def nightly_parameters(self_instruct: BaseModel) -> dict[str, Any]:
+    """The nightly top-up's `config`: the deployment's default config, extending the latest version of
+    its own dataset (`extend: <dataset_name>`), so each night adds up to `num_instructions` to it.
+    On the first night, with no version registered yet, the run starts from scratch."""
+    return trigger_parameters(self_instruct, {"extend": self_instruct.dataset_name})
 
 
 def self_instruct_trigger(pretrain: BaseModel, self_instruct: BaseModel):

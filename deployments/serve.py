@@ -7,7 +7,7 @@ It registers the deployments `pretrain/local`, `self-instruct/local`, `align/loc
 `pipeline/local` with the same chain as `deployments/prefect.yaml`: self-instruct starts on
 `alignflow.model.pretrained` with the new model as generator, align starts on
 `alignflow.dataset.ready` with the new dataset; self-instruct also has a nightly schedule (02:00
-UTC, generator: the latest base model). Each flow's one parameter is its pydantic config, so the UI
+UTC, generator: the latest base model) that extends the latest version of its dataset. Each flow's one parameter is its pydantic config, so the UI
 renders a form with defaults and help texts, and the server refuses a run whose parameters do not
 fit the schema (`enforce_parameter_schema`). Training deployments run one at a time.
 
@@ -33,10 +33,12 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "transformers,trl,acceler
 
 from deployments import (  # noqa: E402
     NIGHTLY_TOP_UP_CRON,
+    NIGHTLY_TOP_UP_SLUG,
     SERVE_NAME,
     TRAINING_FLOWS,
     align_trigger,
     default_configs,
+    nightly_parameters,
     self_instruct_trigger,
 )
 
@@ -57,9 +59,10 @@ def build_deployments(overrides: dict[str, dict[str, Any]] | None = None, schedu
         "align": [align_trigger(configs["self-instruct"], configs["align"])],
     }
     schedules = {
-        # generator.model empty = the latest base model: a new base since last night gives a new dataset;
-        # otherwise the run finds its exact inputs registered and reuses that dataset.
-        "self-instruct": [Cron(NIGHTLY_TOP_UP_CRON, timezone="UTC", slug="nightly-top-up")] if schedule else [],
+        # Each night extends the latest version of the dataset by up to num_instructions, with the
+        # latest base model as generator (generator.model empty).
+        "self-instruct": [Cron(NIGHTLY_TOP_UP_CRON, timezone="UTC", slug=NIGHTLY_TOP_UP_SLUG,
+                               parameters=nightly_parameters(configs["self-instruct"]))] if schedule else [],
     }
     deployments = []
     for name, flow in flows.items():

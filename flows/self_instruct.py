@@ -3,9 +3,12 @@
     alignflow self-instruct --num-instructions 200                   # demo seeds, the latest base model
     alignflow self-instruct --seeds my_seeds.jsonl --generator openai --base-url http://127.0.0.1:8000/v1 --model my-model
     python flows/self_instruct.py --language ko
+    alignflow self-instruct --extend self-instruct --num-instructions 50   # add up to 50 to the latest version
 
 Every batch of requests is checkpointed: a killed run started again with the same parameters goes
-on where it stopped and ends with the same dataset. A batch's shards of requests generate in
+on where it stopped and ends with the same dataset. With `--extend NAME[@N]` the run grows a registered version: it keeps that version's
+rows, adds up to `--num-instructions` new ones and registers a new version with the old one as a
+parent (a name with no version yet: from scratch). A batch's shards of requests generate in
 parallel on the configured task runner (`--runner dask --workers 4`); any runner gives the
 same dataset. The result is announced with the event
 `alignflow.dataset.ready`, which starts the align flow when deployed.
@@ -32,7 +35,7 @@ def self_instruct(config: SelfInstructConfig = SelfInstructConfig()) -> str:
     """Bootstrap instructions from seed tasks and return the registered dataset's ref."""
     logger = run_logger()
     prepared = prepare_run(config)
-    config = SelfInstructConfig.model_validate(prepared["config"])  # the generator's model is pinned to a version
+    config = SelfInstructConfig.model_validate(prepared["config"])  # the generator's model and `extend` pinned to versions
     work, state = prepared["work"], prepared["state"]
     progress = create_progress_artifact(progress=0.0, key="self-instruct-progress", description="Kept machine instructions / target.")
 
@@ -51,7 +54,8 @@ def self_instruct(config: SelfInstructConfig = SelfInstructConfig()) -> str:
 
     ref = register_dataset_step(config, prepared)
     announce(DATASET_READY, "dataset", ref)
-    logger.info(f"registered dataset {ref}: {state['kept']} machine instructions from {state['requests']} requests")
+    extended = f" (extending {config.extend})" if config.extend else ""
+    logger.info(f"registered dataset {ref}: {state['kept']} new machine instructions from {state['requests']} requests{extended}")
     return ref
 
 

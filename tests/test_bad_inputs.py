@@ -207,6 +207,17 @@ def config_version_that_does_not_exist(ctx):
         "dataset 'self-instruct' has no version 7 (versions: 1)"])
 
 
+def config_extend_version_that_does_not_exist(ctx):
+    return Case(["self-instruct", "--model", str(ctx.model_dir()), "--extend", "self-instruct@7"], [
+        "alignflow self-instruct: --extend self-instruct@7: no such version (versions: 1)"])
+
+
+def config_extend_dataset_not_made_by_self_instruct(ctx):
+    return Case(["self-instruct", "--model", str(ctx.model_dir()), "--extend", "self-instruct"], [
+        "alignflow self-instruct: --extend self-instruct: self-instruct@1 is not a self-instruct dataset "
+        "(it has no instructions.parquet, instances.parquet, rejected.parquet)"])
+
+
 def config_dataset_without_sft_table(ctx):
     return Case(["align", "--model", str(ctx.model_dir()), "--dataset", "corpus-clean"], [
         "alignflow align: --dataset 'corpus-clean': dataset corpus-clean@1 has no sft table (sft.parquet; it holds "
@@ -282,6 +293,7 @@ CASES = [
     corpus_text_not_utf8, corpus_unsupported_suffix,
     config_unknown_preset, config_negative_steps, config_threshold_above_one, config_two_bad_options,
     config_openai_without_model, config_dedup_threshold_above_one, config_version_that_does_not_exist,
+    config_extend_version_that_does_not_exist, config_extend_dataset_not_made_by_self_instruct,
     config_dataset_without_sft_table, config_show_unknown_dataset,
     labels_parquet_without_chosen, labels_null_chosen, labels_missing_file,
     dedup_invalid_json, dedup_missing_column,

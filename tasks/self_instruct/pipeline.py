@@ -13,6 +13,11 @@ generator's sampling seed. A part is written first and the state (`state.json`) 
 atomically; on resume, parts beyond the state's batch are ignored. A run killed at any point and
 started again therefore produces exactly the dataset an uninterrupted run produces.
 
+A run may extend a registered version (`extend`): its tables are copied into the work folder
+(`base/`), its machine instructions join the prompt and ROUGE-L pools, request indices and machine
+instruction ids continue where it stopped, and the new dataset is the old tables with the new rows
+appended. `num_instructions` and `max_requests` then count the new work only.
+
 Each batch is planned here, generated in shards that may run in parallel anywhere (threads, Dask or
 Ray workers; see `plan_batch`), and committed here in request order: the dataset depends on the
 config, never on the runner or on which worker ran what.
@@ -82,6 +87,11 @@ class SelfInstructConfig(BaseModel):
     min_machine_instructions: int = Field(1, ge=0, description="Refuse to register a dataset with fewer machine instructions (with instances) than this; the error says what was kept and why candidates were rejected. 0 allows a seeds-only dataset.")
     seed: int = Field(0, ge=0, description="Seed of prompt sampling and generation.")
     dataset_name: str = Field("self-instruct", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registry name of the resulting dataset.")
+    extend: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[0-9]+)?$", description=(
+        "Grow a registered dataset: `self-instruct` (its latest version) or `self-instruct@3`. The run starts from that version's "
+        "machine instructions (kept as they are, and in the ROUGE-L pool), generates up to num_instructions new ones and "
+        "registers a new version holding the old rows plus the new, with the old version as a parent. A name with no "
+        "registered version yet starts from scratch; a missing version is an error. Empty: a fresh dataset."))
 
     @property
     def request_limit(self) -> int:
@@ -94,6 +104,10 @@ class SelfInstructConfig(BaseModel):
     @property
     def rouge_tokenizer(self) -> str:
         return "rouge" if self.language == "en" else "unicode"
+
+
+class ExtendError(AlignflowError, ValueError):
+    """`extend` names a version that does not exist or that this run cannot continue."""
 
 
 # ---- state -------------------------------------------------------------------------------------
@@ -143,7 +157,62 @@ def part_rows(work: Path, stage: str, upto: int) -> list[dict[str, Any]]:
 
 
 def kept_machine_instructions(work: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The candidate rows this run kept (an extended version's instructions are `base_rows`)."""
     return [row for row in part_rows(work, "bootstrap", state["batches"]["bootstrap"]) if row["kept"]]
+
+
+# ---- extending a registered version ------------------------------------------------------------
+
+BASE = "base"  # the extended version's tables, copied into the work folder
+BASE_TABLES = ("instructions", "instances", "rejected")
+
+
+def start_extending(work: Path, ref: str, tables: dict[str, pa.Table], totals: dict[str, int]) -> dict[str, Any]:
+    """Start a work folder from a registered version; a folder that has a state already is left alone.
+
+    The version's tables are copied into `base/` (each atomically), then the state is written with
+    where the version's numbering ends: `totals` = {"requests": bootstrap requests so far,
+    "machine_numbers": machine instruction ids used so far}. A crash before the state exists
+    leaves copies that the next start writes again.
+    """
+    if (work / STATE).exists():
+        return load_state(work)
+    for name in BASE_TABLES:
+        atomic.write_parquet(work / BASE / f"{name}.parquet", tables[name])
+    machine = sum(1 for origin in tables["instructions"].column("origin").to_pylist() if origin == "machine")
+    state = load_state(work)
+    state["base"] = {"ref": ref, "requests": int(totals["requests"]), "machine_numbers": int(totals["machine_numbers"]),
+                     "machine_instructions": machine}
+    save_state(work, state)
+    return state
+
+
+def base_info(state: dict[str, Any]) -> dict[str, Any]:
+    """The extended version's numbering (zeros for a run from scratch)."""
+    return state.get("base") or {"ref": None, "requests": 0, "machine_numbers": 0, "machine_instructions": 0}
+
+
+def base_rows(work: Path, state: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The rows of one of the extended version's tables; none for a run from scratch."""
+    return pq.read_table(work / BASE / f"{name}.parquet").to_pylist() if state.get("base") else []
+
+
+def base_machine_instructions(work: Path, state: dict[str, Any]) -> list[str]:
+    if not state.get("base"):
+        return []
+    table = pq.read_table(work / BASE / "instructions.parquet", columns=["instruction", "origin"]).to_pylist()
+    return [row["instruction"] for row in table if row["origin"] == "machine"]
+
+
+def totals(state: dict[str, Any]) -> dict[str, int]:
+    """Where this dataset's numbering ends, counting the extended versions: the next extend starts here."""
+    base = base_info(state)
+    return {"requests": base["requests"] + state["requests"], "machine_numbers": base["machine_numbers"] + state["kept"]}
+
+
+def _batch_seed(config: SelfInstructConfig, state: dict[str, Any], index: int) -> int:
+    # An extend run's batches start at 1 again: its seeds also depend on where the old version stopped.
+    return (config.seed * 1_000_003 + index + 7_919 * base_info(state)["requests"]) % (2**31 - 1)
 
 
 # ---- batches: plan -> shards -> commit ---------------------------------------------------------
@@ -165,7 +234,7 @@ def plan_batch(config: SelfInstructConfig, seeds: list[SeedTask], work: Path) ->
         raise ValueError(f"{work / STATE}: stage {stage!r} has no batches left")
     index = state["batches"][stage] + 1
     plan: dict[str, Any] = {"stage": stage, "index": index, "pool": []}
-    seed = (config.seed * 1_000_003 + index) % (2**31 - 1)
+    seed = _batch_seed(config, state, index)
     if stage == "bootstrap":
         requests, pool = _bootstrap_requests(config, seeds, work, state, index)
         decoding = config.bootstrap_decoding.model_copy(update={
@@ -174,9 +243,10 @@ def plan_batch(config: SelfInstructConfig, seeds: list[SeedTask], work: Path) ->
     else:
         kept = kept_machine_instructions(work, state)
         start = (index - 1) * config.requests_per_batch
+        first = base_info(state)["machine_numbers"] + start
         is_cls = _classification_labels(work, state) if stage == "instances" else {}
-        requests = [{"instruction_id": machine_instruction_id(start + i), "instruction": row["candidate"],
-                     "is_classification": is_cls.get(machine_instruction_id(start + i), False)}
+        requests = [{"instruction_id": machine_instruction_id(first + i), "instruction": row["candidate"],
+                     "is_classification": is_cls.get(machine_instruction_id(first + i), False)}
                     for i, row in enumerate(kept[start : start + config.requests_per_batch])]
         plan["last"] = start + config.requests_per_batch >= len(kept)
         if stage == "classify":
@@ -231,16 +301,20 @@ def commit_batch(config: SelfInstructConfig, work: Path, plan: dict[str, Any], s
 
 def _bootstrap_requests(config: SelfInstructConfig, seeds: list[SeedTask], work: Path, state: dict[str, Any],
                         index: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The batch's prompts (6 seeds + 2 kept machine instructions each) and the ROUGE-L pool so far."""
-    kept_pool = [row["candidate"] for row in kept_machine_instructions(work, state)]
-    rng = random.Random(f"{config.seed}-bootstrap-{index}")
+    """The batch's prompts (6 seeds + 2 kept machine instructions each) and the ROUGE-L pool so far.
+
+    The kept pool holds the extended version's machine instructions first, then this run's.
+    """
+    base = base_info(state)
+    kept_pool = base_machine_instructions(work, state) + [row["candidate"] for row in kept_machine_instructions(work, state)]
+    rng = random.Random(f"{config.seed}-bootstrap-{index}" + (f"-after-{base['requests']}" if base["requests"] else ""))
     seed_texts = [s.instruction for s in seeds]
     seed_by_text = {s.instruction: s.id for s in seeds}
     n_requests = min(config.requests_per_batch, config.request_limit - state["requests"])
     requests = []
     for offset in range(n_requests):
         chosen = sample_prompt_instructions(seed_texts, kept_pool, rng, num_seed=6, num_machine=2)
-        requests.append({"request_idx": state["requests"] + offset, "prompt": render_bootstrap_prompt(chosen, config.language),
+        requests.append({"request_idx": base["requests"] + state["requests"] + offset, "prompt": render_bootstrap_prompt(chosen, config.language),
                          "prompt_seed_ids": [seed_by_text.get(text, "machine") for text in chosen]})
     return requests, seed_texts + kept_pool
 
@@ -378,7 +452,11 @@ INSTANCES_PART_SCHEMA = pa.schema([
 
 
 def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Path) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """Final tables (instructions, instances, rejected, sft) and the funnel, from the acknowledged parts."""
+    """Final tables (instructions, instances, rejected, sft) and the funnel, from the acknowledged parts.
+
+    Extending a version, the tables are its tables with this run's rows appended (its seeds included
+    as they were), and the funnel counts this run's work, with `extends` saying what it started from.
+    """
     from storage.schemas import INSTANCES, INSTRUCTIONS, REJECTED, sft_table
 
     state = load_state(work)
@@ -388,15 +466,16 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
     parts = read_parts(work, "instances", state["batches"]["instances"])
     instance_rows = parts.to_pylist() if parts is not None else []
 
-    instructions, instances = [], []
-    for seed in seeds:
+    base = base_info(state)
+    instructions, instances = base_rows(work, state, "instructions"), base_rows(work, state, "instances")
+    for seed in (seeds if not state.get("base") else []):  # an extended version has its seed rows already
         instructions.append({"id": seed.id, "instruction": seed.instruction, "is_classification": seed.is_classification,
                              "origin": "seed", "request_idx": None, "max_rouge_l": None, "most_similar": None,
                              "prompt_seed_ids": [], "generator": None, "decoding": None})
         instances.extend({"instruction_id": seed.id, "input": i.input, "output": i.output} for i in seed.instances)
     dropped_tasks = {r["instruction_id"] for r in instance_rows if r["task_dropped"] or not r["inputs"] and not r["outputs"]}
     kept_rows = [r for r in candidate_rows if r["kept"]]
-    for number, row in enumerate(kept_rows):
+    for number, row in enumerate(kept_rows, start=base["machine_numbers"]):
         iid = machine_instruction_id(number)
         if iid in dropped_tasks:
             continue
@@ -407,7 +486,7 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
     for row in instance_rows:
         if row["instruction_id"] not in dropped_tasks:
             instances.extend({"instruction_id": row["instruction_id"], "input": i, "output": o} for i, o in zip(row["inputs"], row["outputs"]))
-    rejected = [{"candidate": r["candidate"], "reason": r["reason"], "max_rouge_l": r["max_rouge_l"],
+    rejected = base_rows(work, state, "rejected") + [{"candidate": r["candidate"], "reason": r["reason"], "max_rouge_l": r["max_rouge_l"],
                  "most_similar": r["most_similar"], "request_idx": r["request_idx"]} for r in candidate_rows if not r["kept"]]
 
     funnel = instruction_funnel(candidate_rows, state)
@@ -417,10 +496,12 @@ def assemble_tables(config: SelfInstructConfig, seeds: list[SeedTask], work: Pat
             instance_counts[reason] = instance_counts.get(reason, 0) + count
     funnel["instances"] = {"parsed": sum(r["parsed"] for r in instance_rows), **instance_counts,
                            "kept": sum(len(r["inputs"]) for r in instance_rows if r["instruction_id"] not in dropped_tasks),
-                           "tasks_dropped": len(dropped_tasks & {machine_instruction_id(i) for i in range(len(kept_rows))})}
+                           "tasks_dropped": len(dropped_tasks & {machine_instruction_id(base["machine_numbers"] + i) for i in range(len(kept_rows))})}
     funnel["instance_tries"] = {"instructions_retried": sum(1 for r in instance_rows if (r.get("attempts") or 1) > 1),
                                 "tries": sum(r.get("attempts") or 1 for r in instance_rows),
                                 "without_instances_after_retries": len(dropped_tasks)}
+    if state.get("base"):
+        funnel["extends"] = dict(base)
     instruction_table = pa.Table.from_pylist(instructions, schema=INSTRUCTIONS)
     instance_table = pa.Table.from_pylist(instances, schema=INSTANCES)
     tables = {
@@ -439,12 +520,16 @@ class DatasetTooSmallError(AlignflowError, ValueError):
 def check_dataset_size(config: SelfInstructConfig, tables: dict[str, pa.Table], funnel: dict[str, Any]) -> None:
     """Refuse a dataset below `min_machine_instructions`, saying what was kept and why the rest was rejected."""
     usable = sum(1 for origin in tables["instructions"].column("origin").to_pylist() if origin == "machine")
+    extends = funnel.get("extends")
+    if extends:  # an extend run must add them
+        usable -= extends["machine_instructions"]
     if usable >= config.min_machine_instructions:
         return
     rejected = ", ".join(f"{reason} {count}" for reason, count in funnel["rejected"].items() if count) or "none"
     instances = funnel["instances"]
     raise DatasetTooSmallError(
-        f"self-instruct: {usable} machine instructions with instances, fewer than min_machine_instructions="
+        f"self-instruct: {usable} {'new ' if extends else ''}machine instructions with instances"
+        f"{' (extending ' + extends['ref'] + ')' if extends else ''}, fewer than min_machine_instructions="
         f"{config.min_machine_instructions}; nothing was registered. {funnel['requests']} requests gave "
         f"{funnel['candidates']} candidate instructions ({funnel['unparseable_responses']} responses unparseable, "
         f"{funnel['failed_requests']} requests failed); rejected: {rejected}; kept {funnel['kept']}, of which "

@@ -13,11 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
 from storage import atomic
-from storage.registry import Registry, fingerprint
+from storage.registry import Registry, Version, fingerprint, parse_ref
 from tasks.generation.config import GeneratorConfig, check_generator, load_generator, resolve_local_model
 from tasks.generation.params import Generator
 from tasks.publish import markdown_image, publish_markdown, publish_table, run_logger
@@ -61,11 +62,53 @@ def generator_parent(config: GeneratorConfig) -> str | None:
     return f"model:{name}" if "@" in name else None
 
 
+def resolve_extend(config: SelfInstructConfig, seeds_sha256: str, registry: Registry) -> Version | None:
+    """The version `config.extend` names, checked to be a self-instruct dataset of the same seeds and
+    language; None when it names a dataset that has no version yet (the run starts from scratch)."""
+    name, number = parse_ref(config.extend)
+    versions = registry.versions("dataset", name)
+    if number is None and not versions:
+        return None
+    found = [v for v in versions if number is None or v.manifest.version == number]
+    if not found:
+        have = f"versions: {', '.join(str(v.manifest.version) for v in versions)}" if versions else f"no dataset named {name!r} yet"
+        raise pipeline.ExtendError(f"--extend {config.extend}: no such version ({have})")
+    version = found[-1]
+    missing = [f"{table}.parquet" for table in pipeline.BASE_TABLES if f"{table}.parquet" not in version.manifest.files]
+    if missing:
+        raise pipeline.ExtendError(f"--extend {config.extend}: {version.ref} is not a self-instruct dataset (it has no {', '.join(missing)})")
+    if version.manifest.extra.get("seeds_sha256") != seeds_sha256:
+        raise pipeline.ExtendError(f"--extend {config.extend}: {version.ref} was made from other seeds "
+                                   f"({version.manifest.extra.get('seeds_file')}); extend it with the same seed file")
+    if (version.manifest.config or {}).get("language", "en") != config.language:
+        raise pipeline.ExtendError(f"--extend {config.extend}: {version.ref} is in language {version.manifest.config.get('language')!r}, "
+                                   f"not {config.language!r}")
+    return version
+
+
+def extend_totals(version: Version) -> dict[str, int]:
+    """Where an extended version's numbering ends. A version registered before `totals` were recorded
+    was made from scratch, so its funnel's counts are its totals."""
+    extra = version.manifest.extra
+    if "totals" in extra:
+        return extra["totals"]
+    return {"requests": extra["funnel"]["requests"], "machine_numbers": extra["funnel"]["kept"]}
+
+
 @task(name="prepare-self-instruct")
 def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
-    """Validate the seeds, pin the generator's model version, and find (or start) the work folder."""
+    """Validate the seeds, pin the generator's model version and the extended dataset's version, and
+    find (or start) the work folder."""
     seeds = load_seeds(config)
     path = seeds_path(config)
+    base = None
+    if config.extend:
+        # Pin "latest" to the exact version now: the work folder's key, the resumed run and the
+        # registry's fingerprint all name it, so a finished extend never finds the old version.
+        base = resolve_extend(config, seed_file_sha256(path), Registry())
+        if base is None:
+            run_logger().info(f"extend: no dataset {config.extend!r} registered yet, so this run starts from scratch")
+        config = config.model_copy(update={"extend": base.ref if base else None})
     if config.generator.backend == "openai":
         check_generator(config.generator)  # a wrong URL, key or model fails here, before the work folder exists
     parent = generator_parent(config.generator)
@@ -74,6 +117,13 @@ def prepare_run(config: SelfInstructConfig) -> dict[str, Any]:
         config = config.model_copy(update={"generator": config.generator.model_copy(update={"model": parent.partition(":")[2]})})
     key = fingerprint(config.identity(), seed_file_sha256(path))
     work = Registry().work_dir("self-instruct", key)
+    if base:
+        tables = {name: pq.read_table(base.file(f"{name}.parquet")) for name in pipeline.BASE_TABLES}
+        state = pipeline.start_extending(work, base.ref, tables, extend_totals(base))
+        info = pipeline.base_info(state)
+        if not state["requests"]:
+            run_logger().info(f"extending {base.ref}: {info['machine_instructions']} machine instructions; requests continue at "
+                              f"{info['requests']}, machine instruction ids at {pipeline.machine_instruction_id(info['machine_numbers'])}")
     state = pipeline.load_state(work)
     if state["requests"]:
         run_logger().info(f"resuming from {work}: {state['requests']} requests done, {state['kept']} instructions kept, stage {state['stage']}")
@@ -118,8 +168,12 @@ def register_dataset_step(config: SelfInstructConfig, prepared: dict[str, Any]) 
         run_logger().warning("no machine instruction was kept: the dataset holds the seeds only")
     registry = Registry()
     parents = [prepared["generator_parent"]] if prepared["generator_parent"] else []
+    if config.extend:
+        parents.append(f"dataset:{config.extend}")
     identity = json.loads(tables["instructions"]["generator"].drop_null()[0].as_py()) if tables["instructions"]["generator"].null_count < tables["instructions"].num_rows else {"backend": config.generator.backend, "model": config.generator.model}
-    key = fingerprint(config.identity(), prepared["seeds_sha256"], pipeline.load_state(work))
+    state = pipeline.load_state(work)
+    key = fingerprint(config.identity(), prepared["seeds_sha256"], state)
+    done = pipeline.totals(state)
     existing = registry.find("dataset", config.dataset_name, key)
     if existing:
         return existing.ref
@@ -131,9 +185,10 @@ def register_dataset_step(config: SelfInstructConfig, prepared: dict[str, Any]) 
         export_self_instruct(tables["instructions"], tables["instances"], draft.path / "self_instruct.jsonl")
         atomic.write_bytes(draft.path / "nearest_seed_rouge_l.png", histogram)
         draft.extra.update(fingerprint=key, funnel=funnel, seeds_sha256=prepared["seeds_sha256"], seeds_file=prepared["seeds_path"],
-                           generator=identity)
-        draft.metrics.update(instructions=tables["instructions"].num_rows, machine_instructions=funnel["kept"],
-                             instances=tables["instances"].num_rows, requests=funnel["requests"])
+                           generator=identity, totals=done)
+        # Counted over the extended versions too (for a run from scratch, the funnel's counts).
+        draft.metrics.update(instructions=tables["instructions"].num_rows, machine_instructions=done["machine_numbers"],
+                             instances=tables["instances"].num_rows, requests=done["requests"])
     publish_funnel(funnel, draft.ref)
     publish_samples(tables, draft.ref, histogram)
     return draft.ref

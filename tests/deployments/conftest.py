@@ -126,8 +126,9 @@ def chain(served_stack) -> dict[str, Any]:
         for flow in ("pretrain", "self-instruct", "align"):
             def finished():
                 if flow != "pretrain" and flow not in runs:
-                    # The nightly schedule's runs (auto_scheduled) are not the chain's.
-                    found = [r for r in deployment_runs(client, deployments[flow].id) if not r.auto_scheduled]
+                    # The nightly schedule's runs (auto_scheduled) and runs started before this one are not the chain's.
+                    found = [r for r in deployment_runs(client, deployments[flow].id)
+                             if not r.auto_scheduled and r.created >= pretrain_run.created]
                     if not found:
                         return None
                     runs[flow] = found[0]

@@ -206,3 +206,42 @@ def test_cluster_runner_with_two_workers_gives_the_default_runners_dataset(runne
 def read_version_at(root: Path, ref: str):
     version = Registry(root).resolve("dataset", ref)
     return version, {name: pq.read_table(version.path / f"{name}.parquet") for name in ("instructions", "instances", "rejected", "sft")}
+
+
+def test_extend_grows_the_registered_version_into_a_new_one(registry_root, demo_base_model):
+    """`extend`: the old rows unchanged, new ones appended with continued ids, the old version a parent."""
+    config = small_config(demo_base_model, num_instructions=6, max_requests=8, requests_per_batch=8)
+    first = self_instruct(config)
+    second = self_instruct(config.model_copy(update={"extend": "self-instruct"}))  # the latest: pinned to @1
+    assert (first, second) == ("self-instruct@1", "self-instruct@2")
+    (v1, old), (v2, new) = read_version(first), read_version(second)
+    assert v2.manifest.config["extend"] == "self-instruct@1" and "dataset:self-instruct@1" in v2.manifest.parents
+    for name in ("instructions", "instances", "rejected", "sft"):
+        rows, old_rows = new[name].to_pylist(), old[name].to_pylist()
+        assert rows[: len(old_rows)] == old_rows, name
+    added = new["instructions"].to_pylist()[old["instructions"].num_rows:]
+    assert added and all(r["origin"] == "machine" for r in added)
+    old_ids = [int(r["id"].rpartition("_")[2]) for r in old["instructions"].to_pylist() if r["origin"] == "machine"]
+    assert min(int(r["id"].rpartition("_")[2]) for r in added) >= v1.manifest.extra["totals"]["machine_numbers"] > max(old_ids)
+    assert min(r["request_idx"] for r in added) >= v1.manifest.extra["funnel"]["requests"]
+    funnel = v2.manifest.extra["funnel"]
+    assert funnel["requests"] <= 8 and funnel["extends"]["ref"] == "self-instruct@1"
+    assert v2.manifest.metrics["requests"] == v1.manifest.metrics["requests"] + funnel["requests"]
+    # Every new instruction is novel against the old ones too.
+    from tasks.rouge.nearest import nearest
+
+    old_machine = [r["instruction"] for r in old["instructions"].to_pylist() if r["origin"] == "machine"]
+    assert all(score <= config.rouge_threshold for score, _ in nearest([r["instruction"] for r in added], old_machine))
+    # Its work folder is keyed by the exact version it extends, with that version's tables in it.
+    [work] = [p.parent for p in registry_root.glob("work/self-instruct/*/state.json")
+              if json.loads(p.read_text()).get("base", {}).get("ref") == "self-instruct@1"]
+    assert pq.read_table(work / "base" / "instructions.parquet").to_pylist() == old["instructions"].to_pylist()
+
+
+def test_extend_of_a_missing_version_fails_naming_the_option(registry_root, tiny_model_dir):
+    """A version named exactly must exist (the command line's message: tests/test_bad_inputs.py)."""
+    from tasks.self_instruct.pipeline import ExtendError
+
+    with pytest.raises(ExtendError, match=r"--extend self-instruct@9: no such version \(no dataset named 'self-instruct' yet\)"):
+        self_instruct(small_config(tiny_model_dir, extend="self-instruct@9"))
+    assert Registry().names("dataset") == [] and not list(registry_root.glob("work/self-instruct/*"))
