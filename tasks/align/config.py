@@ -137,17 +137,18 @@ class RewardOptions(BaseModel):
     """Reward model training with TRL's RewardTrainer: a scalar head on the SFT backbone."""
 
     num_train_epochs: float = Field(
-        3.0, gt=0.0, description="Most passes over the training pairs; early stopping usually ends training sooner.")
+        6.0, gt=0.0, description="Most passes over the training pairs; early stopping usually ends training sooner.")
     max_steps: int | None = Field(
         None, ge=1, description="Cap on optimizer steps, overriding num_train_epochs; empty: train by epochs.")
     early_stopping_patience: int | None = Field(
-        1, ge=1, description="Stop after this many evaluations without a higher validation accuracy, then restore the "
+        2, ge=1, description="Stop after this many evaluations without a higher validation accuracy, then restore the "
         "best checkpoint; empty: train every epoch and still restore the best.")
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate validation accuracy (and write a resumable checkpoint) every N steps; empty: "
         "once per epoch.")
     learning_rate: float = Field(
-        5e-4, gt=0.0, description="Peak learning rate of AdamW (linear decay). Use ~1e-5 for a large pretrained base."
+        1e-3, gt=0.0, description="Peak learning rate of AdamW (linear decay). 1e-3 suits the project's tiny models; use ~1e-5 "
+        "for a large pretrained base."
     )
     per_device_train_batch_size: int = Field(8, ge=1, description="Preference pairs per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes accumulated into one optimizer step.")

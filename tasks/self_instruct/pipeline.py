@@ -79,8 +79,8 @@ class SelfInstructConfig(BaseModel):
         "small model at those settings repeats a handful of instructions that the novelty filter then rejects, so the "
         "default samples more widely.")
     instance_decoding: DecodingParams = Field(
-        default_factory=lambda: DecodingParams(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=256),
-        description="Decoding of instances. The paper decodes greedily with GPT-3; small models loop under greedy decoding, so the default samples. Classification answers are always greedy.")
+        default_factory=lambda: DecodingParams(strategy="sample", temperature=0.5, top_p=0.9, max_new_tokens=256),
+        description="Decoding of instances. The paper decodes greedily with GPT-3; small models loop under greedy decoding, so the default samples, at a low temperature (the answers must be right more than varied). Classification answers are always greedy.")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="Reject an instruction whose ROUGE-L F with any seed or kept instruction is above this.")
     max_instances: int = Field(5, ge=1, le=100, description="Most instances kept per task.")
     instance_attempts: int = Field(4, ge=1, le=32, description="Tries per instruction at generating usable instances: an instruction whose instances all fail to parse or pass the filters is asked again with fresh samples, up to this many times in all. Instructions still without instances are counted in the funnel and left out.")

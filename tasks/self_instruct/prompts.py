@@ -103,7 +103,8 @@ def stop_sequences(kind: str, language: str = "en", *, last_index: int = 20) -> 
     """Stop strings for a prompt `kind` ("bootstrap", "classification" or "instances").
 
     bootstrap: stop when the model reaches item `last_index` (the paper lets it write up to 20);
-    classification: stop after the answer line; instances: stop when the model starts a new task.
+    classification: stop after the answer line; instances: stop when the model starts a new task or
+    leaves a blank line.
     """
     _check_language(language)
     task = TASK_LABELS[language]
@@ -112,7 +113,8 @@ def stop_sequences(kind: str, language: str = "en", *, last_index: int = 20) -> 
     if kind == "classification":
         return ["\n\n", f"\n{task}"]
     if kind == "instances":
-        return [f"\n{task}"]
+        # A blank line closes a task's examples in every template: what follows is another task or noise.
+        return [f"\n{task}", "\n\n"]
     raise ValueError(f"unknown prompt kind {kind!r}; expected bootstrap, classification or instances")
 
 

@@ -363,8 +363,8 @@ def test_stop_sequences():
     assert stop_sequences("bootstrap") == ["\n20.", "\n20)"]
     assert stop_sequences("bootstrap", last_index=12) == ["\n12.", "\n12)"]
     assert stop_sequences("classification", "ko") == ["\n\n", "\n작업:"]
-    assert stop_sequences("instances") == ["\nTask:"]
-    assert stop_sequences("instances", "ko") == ["\n작업:"]
+    assert stop_sequences("instances") == ["\nTask:", "\n\n"]
+    assert stop_sequences("instances", "ko") == ["\n작업:", "\n\n"]
     with pytest.raises(ValueError, match="unknown prompt kind"):
         stop_sequences("rewrite")
 
