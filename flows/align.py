@@ -77,6 +77,8 @@ def publish_gates(gates: dict[str, Gate]) -> None:
 
 def passed_or_stop(state, gates: dict[str, Gate]):
     """The stage's result; a Failed (Regressed) stage ends the run after the gates are published."""
+    if state.is_failed() and state.name != "Regressed":
+        state.result()  # a stage that crashed raises its own error, not a gate's
     result = state.result(raise_on_failure=False) if state.is_failed() else state.result()
     if isinstance(result, (StageResult, EvaluationResult)):
         gates.update(result.gates if isinstance(result, EvaluationResult) else {result.stage: result.gate} if result.gate else {})
