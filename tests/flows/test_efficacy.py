@@ -3,10 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/pytest -q tests/flows/test_efficacy.py
 
 One pipeline run at the demo's settings (a registry of its own, shared by the tests here), then:
-- every gate passed: SFT test NLL below the base model's, the RM's test accuracy above chance by
-  more than 2 standard errors (and at least 0.6: the issue's 0.75 is not reached yet on the demo
-  data, whose machine-written reference answers are noisy), PPO's reward gain over 2 standard
-  errors with KL at most 10, and ROUGE-L to the test references not worse;
+- every gate passed, with the numbers the issue asks for (SFT test NLL below base, RM test accuracy
+  at least 0.75, PPO's reward gain over 2 standard errors with KL at most 10, ROUGE-L to the test
+  references not worse);
 - a forced regression (a reward model trained on shuffled labels) is reported: the reward-model
   task run ends Failed, named Regressed, the gates artifact says so, and no PPO runs.
 """
@@ -59,7 +58,7 @@ def test_every_stage_beats_its_predecessor_on_the_test_split(in_demo_registry):
     assert set(gates) == {"sft", "rm", "ppo"}
     assert all(g["passed"] for g in gates.values()), gates
     assert gates["sft"]["value"] < gates["sft"]["baseline"]
-    assert gates["rm"]["value"] >= 0.6
+    assert gates["rm"]["value"] >= 0.75
     ppo = gates["ppo"]
     assert ppo["value"] - ppo["baseline"] > 2 * ppo["se"]
     assert ppo["kl"] <= 10
