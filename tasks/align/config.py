@@ -48,7 +48,7 @@ class SplitOptions(BaseModel):
     validation_fraction: float = Field(
         0.12, gt=0.0, lt=1.0, description="Fraction of prompts for validation: early stopping and best-checkpoint choice.")
     test_fraction: float = Field(
-        0.18, gt=0.0, lt=1.0, description="Fraction of prompts for test: the reported metrics and the quality gates; "
+        0.22, gt=0.0, lt=1.0, description="Fraction of prompts for test: the reported metrics and the quality gates; "
         "nothing is selected on them.")
     seed: int = Field(0, description="Seed of the split hash; another seed gives another, equally fixed, split.")
 

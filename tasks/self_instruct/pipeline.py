@@ -67,7 +67,7 @@ class SelfInstructConfig(BaseModel):
 
     seeds: str | None = Field(None, description="Seed tasks: Self-Instruct JSONL, Alpaca JSON, or Parquet/JSONL with instruction,input,output. Empty: the built-in demo seeds of the language.")
     language: Literal["en", "ko"] = Field("en", description="Prompt templates and filter rules: en follows the paper; ko uses Korean templates, a punctuation-only first-character rule and the unicode ROUGE tokenizer.")
-    num_instructions: int = Field(200, ge=1, le=1_000_000, description="Stop once this many machine instructions are kept.")
+    num_instructions: int = Field(250, ge=1, le=1_000_000, description="Stop once this many machine instructions are kept.")
     max_requests: int = Field(0, ge=0, description="Stop after this many bootstrap requests even when fewer instructions were kept; 0 means 10 x num_instructions (a weak generator repeats itself, and most of its candidates fail the novelty filter).")
     requests_per_batch: int = Field(16, ge=1, le=4096, description="Requests per batch (bootstrap prompts, or instructions to classify or give instances): one checkpoint per batch.")
     shard_size: int = Field(16, ge=1, le=4096, description="Requests per generation task: a batch's shards run in parallel on the task runner. Part of the run's identity (it fixes how prompts are batched), unlike the runner.")
