@@ -22,12 +22,15 @@ from deployments import stack
 
 # Tiny settings: the whole chain trains and generates in a couple of minutes on a loaded 2-core CPU.
 TINY = {
-    "pretrain": {"demo_documents": 200, "training": {
+    "pretrain": {"demo_documents": 200, "demo_world_tasks": 300, "training": {
         "preset": "tiny", "vocab_size": 400, "seq_len": 64, "batch_size": 8, "max_steps": 20, "warmup_steps": 2,
         "eval_every": 10, "eval_windows": 4, "checkpoint_every": 10}},
-    "self-instruct": {"num_instructions": 5, "max_requests": 8, "requests_per_batch": 8, "generator": {"batch_size": 8},
+    # A 20-step model may keep nothing; the chain is about the plumbing, so the minimum and the gates are relaxed.
+    "self-instruct": {"num_instructions": 5, "max_requests": 8, "requests_per_batch": 8, "min_machine_instructions": 0,
+                      "generator": {"batch_size": 8},
                       "bootstrap_decoding": {"max_new_tokens": 32}, "instance_decoding": {"max_new_tokens": 24}},
     "align": {
+        "gates": "warn",
         "sft": {"max_steps": 10, "per_device_train_batch_size": 4, "max_length": 128, "eval_steps": 10, "logging_steps": 5},
         "preferences": {"num_samples": 2, "max_prompts": 8, "pairs_per_prompt": 1, "decoding": {"max_new_tokens": 16}},
         "reward": {"max_steps": 10, "per_device_train_batch_size": 4, "max_length": 128, "eval_steps": 10, "logging_steps": 5},

@@ -19,12 +19,14 @@ pytestmark = pytest.mark.slow
 
 def test_pipeline_end_to_end_links_every_ref(registry_root):
     config = PipelineConfig(
-        pretrain=PretrainConfig(demo_documents=200, training=TrainingOptions(
+        pretrain=PretrainConfig(demo_documents=200, demo_world_tasks=300, training=TrainingOptions(
             preset="tiny", vocab_size=512, seq_len=64, batch_size=8, max_steps=30, warmup_steps=3, eval_every=15, checkpoint_every=15)),
-        self_instruct=SelfInstructConfig(num_instructions=4, max_requests=8, requests_per_batch=8,
+        # A 30-step model: the test is about the refs between subflows, so no minimum and no gates.
+        self_instruct=SelfInstructConfig(num_instructions=4, max_requests=8, requests_per_batch=8, min_machine_instructions=0,
                                          bootstrap_decoding=DecodingParams(max_new_tokens=48),
                                          instance_decoding=DecodingParams(max_new_tokens=32)),
         align=AlignConfig(
+            gates="off",
             sft=SFTOptions(max_steps=10, per_device_train_batch_size=8, eval_steps=10),
             preferences=PreferenceOptions(num_samples=2, max_prompts=16, decoding=DecodingParams(max_new_tokens=8)),
             reward=RewardOptions(max_steps=5, per_device_train_batch_size=4, eval_steps=5),
