@@ -54,8 +54,8 @@ def self_instruct(config: SelfInstructConfig = SelfInstructConfig()) -> str:
 
     ref = register_dataset_step(config, prepared)
     announce(DATASET_READY, "dataset", ref)
-    extended = f" (extending {config.extend})" if config.extend else ""
-    logger.info(f"registered dataset {ref}: {state['kept']} new machine instructions from {state['requests']} requests{extended}")
+    new, extended = ("new ", f" (extending {config.extend})") if config.extend else ("", "")
+    logger.info(f"registered dataset {ref}: {state['kept']} {new}machine instructions from {state['requests']} requests{extended}")
     return ref
 
 
