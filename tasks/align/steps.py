@@ -26,8 +26,8 @@ from pydantic import BaseModel, Field
 from storage import atomic
 from storage.registry import Registry, RegistryError, Version, fingerprint
 from tasks.align.config import PreferenceOptions, RewardOptions, SFTOptions, SplitOptions
-from tasks.align.gates import Gate, GateOptions, policy_gate, reward_gate, sft_gate, stage_state
 from tasks.align.dpo import DPOOptions
+from tasks.align.gates import Gate, GateOptions, policy_gate, reward_gate, sft_gate, stage_state
 from tasks.align.ppo import PPOOptions
 from tasks.align.rloo import RLOOOptions
 from tasks.generation.config import GeneratorConfig, check_generator, resolve_local_model
