@@ -104,7 +104,7 @@ class PPOOptions(BaseModel):
     )
     num_ppo_epochs: int = Field(4, ge=1, description="Passes of PPO gradient steps over each rollout batch.")
     learning_rate: float = Field(
-        3e-5, gt=0.0, description="AdamW learning rate, decayed linearly to 0 over the run."
+        5e-5, gt=0.0, description="AdamW learning rate, decayed linearly to 0 over the run."
     )
     max_grad_norm: float | None = Field(
         None, gt=0.0, description="Clip the gradient norm of each optimizer step to this; empty: no clipping."
