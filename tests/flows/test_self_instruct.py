@@ -228,7 +228,7 @@ def test_extend_grows_the_registered_version_into_a_new_one(registry_root, demo_
     assert funnel["requests"] <= 8 and funnel["extends"]["ref"] == "self-instruct@1"
     assert v2.manifest.metrics["requests"] == v1.manifest.metrics["requests"] + funnel["requests"]
     # Every new instruction is novel against the old ones too.
-    from tasks.rouge.nearest import nearest
+    from tasks.rouge.engine import nearest
 
     old_machine = [r["instruction"] for r in old["instructions"].to_pylist() if r["origin"] == "machine"]
     assert all(score <= config.rouge_threshold for score, _ in nearest([r["instruction"] for r in added], old_machine))

@@ -274,8 +274,8 @@ def test_pretrain_flow_on_s3_then_resolve_from_a_fresh_cache(s3_root, cache_dir,
     options = TrainingOptions(preset="tiny", vocab_size=300, seq_len=32, batch_size=4, max_steps=4, warmup_steps=1,
                               eval_every=2, checkpoint_every=2, eval_windows=4)
     # No corpus given: the flow builds the demo corpus in `registry.local_dir("demo")`, a local folder.
-    ref = pretrain(PretrainConfig(demo_documents=100, training=options))
-    assert (Registry().local_dir("demo") / "corpus-100.jsonl").is_file()
+    ref = pretrain(PretrainConfig(demo_documents=100, demo_world_tasks=200, training=options))
+    assert (Registry().local_dir("demo") / "corpus-en-100-200.jsonl").is_file()
     assert Registry().local_dir("demo").is_relative_to(cache_dir)
     assert list(cache_dir.glob("*/work/pretrain/*"))  # checkpoints stayed on this machine
 
