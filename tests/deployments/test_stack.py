@@ -132,7 +132,7 @@ def test_stack_up_deploys_prefect_yaml_runs_on_a_worker_and_stops_by_pid(tmp_pat
             assert pretrain.job_variables["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "transformers,trl,accelerate"
             automations = {a.name: a for a in client.read_automations()}
             templated = automations["self-instruct on a new pretrained model"].actions[0].parameters["config"]
-            assert templated["generator"]["model"] == "{{ event.payload.ref }}" and templated["num_instructions"] == 200
+            assert templated["generator"]["model"] == "{{ event.payload.ref }}" and templated["num_instructions"] == 250
 
             # A tiny run through the GPU pool's process worker. Another model name, so that the
             # self-instruct trigger (on alignflow.model.base) does not start a full-size run.
