@@ -156,9 +156,11 @@ def test_an_accelerate_config_file_is_passed_through(tmp_path):
 
 
 def test_torchrun_starts_the_requested_number_of_ranks(tmp_path):
+    # One write per line: both ranks share one pipe, and print() writes the newline separately.
     env = write_module(tmp_path, "show_rank", """
-        import os
-        print(f"rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} device={os.environ.get('ALIGNFLOW_DEVICE')}")
+        import os, sys
+        sys.stdout.write(f"rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} device={os.environ.get('ALIGNFLOW_DEVICE')}\\n")
+        sys.stdout.flush()
     """)
     lines: list[str] = []
     launch_module("show_rank", [], LaunchOptions(launcher="torchrun", num_processes=2, cpu=True), lines.append, env=env)
