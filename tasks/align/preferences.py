@@ -17,8 +17,9 @@ Judges (`PreferenceOptions.judge`):
 - file: labels imported from a Parquet file with `prompt, chosen, rejected` columns.
 
 The result has the columns `prompt, chosen, rejected, judge, chosen_score, rejected_score,
-chosen_len, rejected_len` (lengths in characters). Split it into train / held-out pairs with
-`tasks.align.data.split_train_eval` (by prompt, so no prompt is on both sides).
+chosen_len, rejected_len` (lengths in characters). The align flow adds a `split` column: each pair
+keeps the train / validation / test side of its prompt (`tasks.align.data.side_of`), so no prompt
+is on two sides.
 
     table = build_preferences(train_table, PreferenceOptions(), generator=LocalGenerator(sft_dir, "sft@1"))
 """
